@@ -1,0 +1,176 @@
+"""The checkpoint format: one self-contained safetensors file per model.
+
+Layout of `<name>.safetensors`:
+- tensors: the model's state dict (fp32, or fp16/bf16 when saved smaller);
+- metadata header (strings): `format_version`, `config` (JSON of ModelConfig), `vocab` (JSON list of the
+  characters) and `training` (JSON of training facts: data file and sha256, steps, epoch, best val loss,
+  train config, created time).
+
+Nothing is pickled. `read_metadata` parses the header with the standard library only, so a checkpoint can be
+inspected without torch. Writes go through `atomic_write`, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = "1"
+SUFFIX = ".safetensors"
+# Model names become file names: letters, digits, '.', '_', '-'; no path separators, no leading dot.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_HEADER_BYTES = 100_000_000  # a header larger than this is not one of ours
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, truncated, or not in our format."""
+
+
+def validate_model_name(name: str) -> str:
+    if not MODEL_NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def default_model_store() -> Path:
+    """`CHARRNN_MODEL_STORE` if set, else `model_store/` in the current directory."""
+    return Path(os.environ.get("CHARRNN_MODEL_STORE", "model_store"))
+
+
+def model_path(store: Path, name: str) -> Path:
+    return Path(store) / f"{validate_model_name(name)}{SUFFIX}"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix.
+
+    A temporary file in the same folder is written, flushed and fsynced, then renamed over `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint should read like any other file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The raw safetensors JSON header (tensor table and `__metadata__`), read without torch."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header size {n} is implausible; not a safetensors file")
+            raw = f.read(n)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    if len(raw) < n:
+        raise CheckpointError(f"{path}: truncated header")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + data_end > size:
+        raise CheckpointError(f"{path}: truncated (expected {8 + n + data_end} bytes, found {size})")
+    return header
+
+
+@dataclass
+class CheckpointInfo:
+    """Everything a checkpoint says about itself, without its weights."""
+
+    config: dict[str, Any]
+    vocab: list[str]
+    training: dict[str, Any]
+    format_version: str
+
+
+def read_metadata(path: Path) -> CheckpointInfo:
+    """Read config, vocabulary and training facts from the header (standard library only)."""
+    meta = read_header(path).get("__metadata__") or {}
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a char-rnn checkpoint of format {FORMAT_VERSION} (found {version!r})")
+    try:
+        return CheckpointInfo(
+            config=json.loads(meta["config"]),
+            vocab=json.loads(meta["vocab"]),
+            training=json.loads(meta.get("training", "{}")),
+            format_version=version,
+        )
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: metadata incomplete or malformed ({e})") from None
+
+
+# --- torch-dependent parts below; imported lazily so the functions above work without torch. ---
+
+
+def save_model(path: Path, model, vocab, training: dict[str, Any], dtype: str = "fp32") -> None:
+    """Write model weights + config + vocabulary + training facts as one safetensors file, atomically."""
+    import torch
+    from safetensors.torch import save
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config.to_dict()),
+        "vocab": json.dumps(vocab.chars, ensure_ascii=False),
+        "training": json.dumps({**training, "weights_dtype": dtype}, ensure_ascii=False),
+    }
+    atomic_write(Path(path), save(tensors, metadata=metadata))
+
+
+def load_model(path: Path, device: str = "cpu"):
+    """Load (model, vocab, info) from a checkpoint. Weights come back as fp32 in eval mode."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from charrnn.model import CharRNN, ModelConfig
+    from charrnn.vocab import Vocab
+
+    info = read_metadata(path)
+    try:
+        config = ModelConfig(**info.config)
+        vocab = Vocab(info.vocab)
+        tensors = load_file(str(path), device="cpu")
+        model = CharRNN(config)
+        model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+    except (SafetensorError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot load ({e})") from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"{path}: vocabulary has {len(vocab)} characters, config says {config.vocab_size}")
+    return model.to(device).eval(), vocab, info

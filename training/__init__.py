@@ -1,0 +1,1 @@
+"""The offline trainer: text file -> batches -> model -> checkpoint in the model store."""

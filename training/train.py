@@ -1,0 +1,320 @@
+"""The training loop: text file -> vocabulary -> TBPTT batches -> CharRNN -> best checkpoint in the model store.
+
+Run it through the CLI: `charrnn train --data input.txt --name mytext` (see `charrnn train --help`).
+
+Learning-rate schedule (char-rnn's): constant `lr` for the first `decay_after` epochs, then multiplied by
+`lr_decay` per epoch, applied smoothly per step: lr(e) = lr * lr_decay ** max(0, e - decay_after), where e is
+the fractional epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from charrnn.checkpoint import default_model_store, model_path, save_model, validate_model_name
+from charrnn.model import CharRNN, ModelConfig, State, detach_state
+from charrnn.sampling import generate
+from charrnn.vocab import Vocab
+from training.data import Batches, DataError, encode_corpus, load_text, split, val_batches
+from training.plot import plot_losses
+from training.resume import ResumeState, load_resume, save_resume
+
+
+@dataclass
+class TrainConfig:
+    data: str  # UTF-8 text file to learn
+    name: str  # model name: the checkpoint becomes <model_store>/<name>.safetensors
+    model_store: str = ""  # "" = $CHARRNN_MODEL_STORE or model_store/
+    run_dir: str = ""  # "" = runs/<name>: log, loss curve and resume state
+    cell: str = "lstm"  # lstm | gru | rnn
+    layers: int = 2
+    hidden: int = 512
+    embed: int = 64
+    dropout: float = 0.2
+    optim: str = "adam"  # adam | rmsprop
+    lr: float = 2e-3
+    lr_decay: float = 0.97  # per epoch, once decay_after epochs have passed
+    decay_after: float = 10.0
+    grad_clip: float = 5.0  # max global gradient norm
+    seq_len: int = 128  # characters per truncated-BPTT chunk
+    batch_size: int = 64  # parallel streams
+    eval_every: int = 200  # steps between validation passes (and checkpoint/resume saves)
+    max_epochs: float = 50.0
+    max_minutes: float | None = None  # wall-clock budget for this invocation
+    max_steps: int | None = None
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    val_frac: float = 0.1  # last fraction of the text held out for validation
+    sample_every: int = 0  # steps between printed samples (0 = never)
+    sample_length: int = 200
+    save_dtype: str = "fp32"  # fp32 | fp16 | bf16 weights in the served checkpoint
+
+    def __post_init__(self) -> None:
+        validate_model_name(self.name)
+        if self.optim not in ("adam", "rmsprop"):
+            raise ValueError(f"--optim must be adam or rmsprop, not {self.optim!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, not {self.precision!r}")
+        if self.save_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"--save-dtype must be fp32, fp16 or bf16, not {self.save_dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.eval_every < 1:
+            raise ValueError("--eval-every must be at least 1")
+
+    @property
+    def store(self) -> Path:
+        return Path(self.model_store) if self.model_store else default_model_store()
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    run_dir: Path
+    steps: int
+    best_val: float  # nats per character
+    best_step: int
+    seconds: float
+    stopped_because: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def learning_rate(cfg: TrainConfig, epoch: float) -> float:
+    return cfg.lr * cfg.lr_decay ** max(0.0, epoch - cfg.decay_after)
+
+
+def make_optimizer(cfg: TrainConfig, model: CharRNN) -> torch.optim.Optimizer:
+    if cfg.optim == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=0.95)
+
+
+@torch.inference_mode()
+def evaluate(model: CharRNN, batches: Batches, device: torch.device) -> float:
+    """Mean cross-entropy (nats/char) over the validation streams, carrying the state along each stream."""
+    was_training = model.training
+    model.eval()
+    state = model.init_state(batches.batch_size)
+    total, count = 0.0, 0
+    for step in range(len(batches)):
+        x, y = batches.get(step)
+        logits, state = model(x.to(device), state)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)
+
+
+def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = False) -> TrainResult:
+    """Train until max_epochs, max_steps or max_minutes, keeping the best-by-validation checkpoint."""
+    started = time.monotonic()
+    resumed: ResumeState | None = load_resume(resume_from) if resume_from is not None else None
+    run_dir = cfg.run_path
+    if resumed is None and (run_dir / "resume.safetensors").exists() and not overwrite:
+        raise DataError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+            "pick another --name, or pass --overwrite to start over"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+
+    corpus = load_text(Path(cfg.data))
+    vocab = Vocab.from_text(corpus.text)
+    if resumed is not None and resumed.vocab != vocab.chars:
+        raise DataError(
+            f"{cfg.data}: its character vocabulary differs from the one the resumed run was trained with; "
+            "resume with the same data file"
+        )
+    ids = encode_corpus(corpus.text, vocab)
+    train_ids, val_ids = split(ids, cfg.val_frac)
+    if len(val_ids) < 2:
+        raise DataError(f"{cfg.data}: too short to hold out a validation part (raise --val-frac or use more text)")
+    batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
+    val = val_batches(val_ids, cfg.batch_size, cfg.seq_len)
+
+    torch.manual_seed(cfg.seed)
+    config = ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)
+    model = CharRNN(config).to(device)
+    optimizer = make_optimizer(cfg, model)
+    step, best_val, best_step, elapsed_before = 0, math.inf, 0, 0.0
+    hidden: State | None = None
+    if resumed is not None:
+        model.load_state_dict(resumed.model)
+        optimizer.load_state_dict(resumed.optimizer)
+        torch.set_rng_state(resumed.rng_cpu)
+        if resumed.rng_cuda is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(resumed.rng_cuda)
+        hidden = tuple(h.to(device) for h in resumed.hidden) if resumed.hidden else None
+        step, best_val, best_step, elapsed_before = resumed.step, resumed.best_val, resumed.best_step, resumed.elapsed_s
+
+    steps_per_epoch = len(batches)
+    total_steps = math.ceil(cfg.max_epochs * steps_per_epoch)
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    checkpoint = model_path(cfg.store, cfg.name)
+    log_path = run_dir / "log.jsonl"
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
+    )
+
+    print(
+        f"{cfg.data}: {len(corpus.text):,} characters, vocabulary {len(vocab)}, "
+        f"train {len(train_ids):,} / val {len(val_ids):,}; {steps_per_epoch} steps per epoch"
+    )
+    print(
+        f"model: {cfg.cell} {cfg.layers}x{cfg.hidden}, {model.num_parameters():,} parameters; device {device}, "
+        f"precision {cfg.precision}, {torch.get_num_threads()} threads"
+        + (f"; resuming at step {step}" if resumed else "")
+    )
+
+    def facts() -> dict:
+        return {
+            "data_file": Path(cfg.data).name,
+            "data_sha256": corpus.sha256,
+            "data_chars": len(corpus.text),
+            "steps": step,
+            "epoch": round(step / steps_per_epoch, 3),
+            "best_val_loss": best_val,
+            "best_val_bpc": bits(best_val),
+            "train_seconds": round(elapsed_before + time.monotonic() - started, 1),
+            "train_config": asdict(cfg),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+        }
+
+    def checkpoint_and_log(loss_ema: float | None) -> float:
+        nonlocal best_val, best_step
+        val_loss = evaluate(model, val, device)
+        improved = val_loss < best_val
+        if improved:
+            best_val, best_step = val_loss, step
+            save_model(checkpoint, model, vocab, facts(), dtype=cfg.save_dtype)
+        save_resume(
+            run_dir,
+            ResumeState(
+                train_config=asdict(cfg),
+                vocab=vocab.chars,
+                step=step,
+                best_val=best_val,
+                best_step=best_step,
+                elapsed_s=elapsed_before + time.monotonic() - started,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                hidden=hidden,
+            ),
+        )
+        write_log({"type": "val", "step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss,
+                   "val_bpc": bits(val_loss), "best": improved})
+        return val_loss
+
+    def write_log(entry: dict) -> None:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    model.train()
+    stopped_because = "max_epochs" if total_steps == math.ceil(cfg.max_epochs * steps_per_epoch) else "max_steps"
+    loss_ema: float | None = None
+    val_loss = math.nan
+    last_eval_step = step if resumed else -1
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1)
+    window_start, window_chars = time.monotonic(), 0
+    chars_per_s = 0.0
+    try:
+        while step < total_steps:
+            if time.monotonic() >= deadline:
+                stopped_because = "max_minutes"
+                break
+            pos = step % steps_per_epoch
+            if pos == 0 or hidden is None:
+                hidden = model.init_state(cfg.batch_size)
+            lr = learning_rate(cfg, step / steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = batches.get(pos)
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits, hidden = model(x, hidden)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            hidden = detach_state(hidden)
+            step += 1
+
+            loss_value = loss.item()
+            loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
+            window_chars += batches.chars_per_step
+            if step % 10 == 0:
+                now = time.monotonic()
+                chars_per_s = window_chars / max(now - window_start, 1e-9)
+                window_start, window_chars = now, 0
+                write_log({"type": "train", "step": step, "epoch": step / steps_per_epoch, "loss": loss_value,
+                           "lr": lr, "chars_per_s": round(chars_per_s)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{val_loss:.3f}", cps=f"{chars_per_s / 1000:.1f}k")
+            if step % cfg.eval_every == 0:
+                val_loss = checkpoint_and_log(loss_ema)
+                last_eval_step = step
+                bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: val {val_loss:.4f} nats/char "
+                          f"({bits(val_loss):.3f} bits/char), best {best_val:.4f}")
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                text = "".join(generate(model, vocab, "", cfg.sample_length, temperature=1.0, seed=cfg.seed))
+                model.train()
+                write_log({"type": "sample", "step": step, "temperature": 1.0, "text": text})
+                bar.write(f"--- sample at step {step} ---\n{text}\n---")
+    except KeyboardInterrupt:
+        stopped_because = "interrupted"
+    finally:
+        bar.close()
+    if step != last_eval_step and step > 0:
+        val_loss = checkpoint_and_log(loss_ema)
+    seconds = time.monotonic() - started
+    plot_losses(log_path, run_dir / "loss.png")
+    print(
+        f"stopped ({stopped_because}) at step {step}, epoch {step / steps_per_epoch:.2f}, after {seconds:.0f} s; "
+        f"best val loss {best_val:.4f} nats/char ({bits(best_val):.3f} bits/char) at step {best_step}"
+    )
+    print(f"checkpoint: {checkpoint}\nrun folder: {run_dir} (resume with: charrnn train --resume {run_dir})")
+    return TrainResult(checkpoint, run_dir, step, best_val, best_step, seconds, stopped_because)
+
+
+def config_from_resume(run_dir: Path, **overrides) -> TrainConfig:
+    """The run's own config, with budget/device options replaced where given (None = keep)."""
+    stored = load_resume(run_dir).train_config
+    known = {f.name for f in fields(TrainConfig)}
+    stored = {k: v for k, v in stored.items() if k in known}
+    stored.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**stored)
