@@ -156,9 +156,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
         )
     ids = encode_corpus(corpus.text, vocab)
     train_ids, val_ids = split(ids, cfg.val_frac)
+    batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
     if len(val_ids) < 2:
         raise DataError(f"{cfg.data}: too short to hold out a validation part (raise --val-frac or use more text)")
-    batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
     val = val_batches(val_ids, cfg.batch_size, cfg.seq_len)
 
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,125 @@
+"""The checkpoint file: self-contained, no pickle, readable without torch, written atomically."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from charrnn.checkpoint import (
+    CheckpointError,
+    load_model,
+    model_path,
+    read_header,
+    read_metadata,
+    save_model,
+    validate_model_name,
+)
+from charrnn.model import CharRNN, ModelConfig
+from charrnn.vocab import Vocab
+
+from conftest import REPO
+
+
+def make_model(vocab_size: int = 6) -> CharRNN:
+    torch.manual_seed(3)
+    return CharRNN(ModelConfig(vocab_size=vocab_size, layers=2, hidden=16, embed=8)).eval()
+
+
+def test_save_then_load_gives_identical_logits(tmp_path):
+    vocab = Vocab.from_text("abcé\n ")
+    model = make_model(len(vocab))
+    path = tmp_path / "m.safetensors"
+    save_model(path, model, vocab, {"steps": 3})
+    loaded, loaded_vocab, info = load_model(path)
+    ids = torch.randint(0, len(vocab), (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], loaded(ids)[0])
+    assert loaded_vocab == vocab
+    assert info.training["steps"] == 3 and info.config["hidden"] == 16
+
+
+def test_file_is_plain_safetensors_with_no_pickle(tmp_path):
+    vocab = Vocab.from_text("xyz")
+    path = tmp_path / "m.safetensors"
+    save_model(path, make_model(3), vocab, {})
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    # The file is exactly: 8-byte length, JSON header, raw tensor bytes covering the rest. Nothing else fits.
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    assert 8 + n + max(ends) == len(raw)
+    assert {t["dtype"] for k, t in header.items() if k != "__metadata__"} == {"F32"}
+    assert set(header["__metadata__"]) == {"format_version", "config", "vocab", "training"}
+
+
+def test_metadata_is_readable_without_torch(tmp_path):
+    vocab = Vocab.from_text("hello\n")
+    path = tmp_path / "m.safetensors"
+    save_model(path, make_model(len(vocab)), vocab, {"data_file": "x.txt"})
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['safetensors'] = None\n"
+        "from charrnn.checkpoint import read_metadata\n"
+        f"info = read_metadata({str(path)!r})\n"
+        "import json; print(json.dumps([info.vocab, info.training['data_file']]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert json.loads(out.stdout) == [vocab.chars, "x.txt"]
+
+
+def test_half_precision_weights_load_as_float32(tmp_path):
+    vocab = Vocab.from_text("abcdef")
+    model = make_model(len(vocab))
+    path = tmp_path / "m.safetensors"
+    save_model(path, model, vocab, {}, dtype="fp16")
+    assert {t["dtype"] for k, t in read_header(path).items() if k != "__metadata__"} == {"F16"}
+    loaded, _, info = load_model(path)
+    assert loaded.head.weight.dtype == torch.float32
+    assert info.training["weights_dtype"] == "fp16"
+    ids = torch.randint(0, 6, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], model(ids)[0], atol=5e-3, rtol=5e-3)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    vocab = Vocab.from_text("abc")
+    path = tmp_path / "m.safetensors"
+    save_model(path, make_model(3), vocab, {"steps": 1})
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="simulated"):
+        save_model(path, make_model(3), vocab, {"steps": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert load_model(path)[2].training["steps"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
+
+
+def test_truncated_or_foreign_files_give_a_checkpoint_error(tmp_path):
+    vocab = Vocab.from_text("abc")
+    good = tmp_path / "good.safetensors"
+    save_model(good, make_model(3), vocab, {})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint at all")
+    for bad in (cut, junk, tmp_path / "missing.safetensors"):
+        with pytest.raises(CheckpointError):
+            load_model(bad)
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "", ".hidden", "x" * 65, "a..b", "name with space"])
+def test_bad_model_names_are_refused(name):
+    with pytest.raises(ValueError, match="invalid model name"):
+        validate_model_name(name)
+
+
+def test_model_path_is_inside_the_store(tmp_path):
+    assert model_path(tmp_path, "shakespeare-v2.1") == tmp_path / "shakespeare-v2.1.safetensors"

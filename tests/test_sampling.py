@@ -1,0 +1,39 @@
+import torch
+
+from charrnn.sampling import sample_next
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, -1.0], [5.0, 4.9, 0.0]])
+    assert sample_next(logits, temperature=0).tolist() == [1, 0]
+
+
+def test_same_seed_same_draws_and_different_seed_differs():
+    logits = torch.zeros(1, 50)
+    g1, g2, g3 = (torch.Generator().manual_seed(s) for s in (1, 1, 2))
+    a = [int(sample_next(logits, 1.0, generator=g1)) for _ in range(20)]
+    b = [int(sample_next(logits, 1.0, generator=g2)) for _ in range(20)]
+    c = [int(sample_next(logits, 1.0, generator=g3)) for _ in range(20)]
+    assert a == b and a != c
+
+
+def test_top_k_only_draws_the_k_most_likely():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 2.0, top_k=2, generator=g)) for _ in range(200)}
+    assert draws == {3, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(probs.log(), 1.0, top_p=0.75, generator=g)) for _ in range(300)}
+    assert draws == {0, 1}
+
+
+def test_low_temperature_sharpens():
+    logits = torch.tensor([[0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    hot = sum(int(sample_next(logits, 5.0, generator=g)) for _ in range(500))
+    cold = sum(int(sample_next(logits, 0.2, generator=g)) for _ in range(500))
+    assert cold > 480 and 200 < hot < 350
