@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make run` serves the bundled model, `make test` runs the tests.
+# Both create the virtual environment in .venv on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; an unpinned `torch` may pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: run test bench-train clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/charrnn sample shakespeare --prime "ROMEO:" --temperature 0.8 --length 500
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench-train: $(BIN)/.installed
+	$(BIN)/python bench/train_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs
