@@ -15,10 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-# glibc hands oneDNN's large per-call temporaries back to the OS on every LSTM call; keeping them mapped
-# made training 1.65x faster on our CPUs (docs/benchmarks.md). The variables only act at process start,
-# so the command re-executes itself once with them set.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+from charrnn.runtime import reexec_with_allocator_env
 
 app = typer.Typer(help="Character-level RNN language models: train, sample, serve.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -165,9 +162,7 @@ def info(
 
 def main() -> None:
     """Console entry point: set the allocator variables (re-exec once), then run the command."""
-    if os.environ.get("CHARRNN_NO_REEXEC") != "1" and any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
-        env = {**os.environ, **ALLOCATOR_ENV, "CHARRNN_NO_REEXEC": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "charrnn", *sys.argv[1:]], env)
+    reexec_with_allocator_env(["-m", "charrnn", *sys.argv[1:]])
     app(prog_name="charrnn")
 
 

@@ -102,7 +102,7 @@ def test_console_script_sets_the_allocator_variables():
     # `charrnn` re-executes itself as `python -m charrnn`; check the variables reach that process.
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "train" in proc.stdout
-    from charrnn.cli import ALLOCATOR_ENV
+    from charrnn.runtime import ALLOCATOR_ENV
     import os
 
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

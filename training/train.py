@@ -112,6 +112,26 @@ def make_optimizer(cfg: TrainConfig, model: CharRNN) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=0.95)
 
 
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: CharRNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, hidden: State, cfg: TrainConfig
+) -> tuple[float, State]:
+    """One truncated-BPTT update on inputs/targets (B, T); returns the loss and the detached carried state."""
+    with autocast_for(cfg, x.device):
+        logits, hidden = model(x, hidden)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.item(), detach_state(hidden)
+
+
 @torch.inference_mode()
 def evaluate(model: CharRNN, batches: Batches, device: torch.device) -> float:
     """Mean cross-entropy (nats/char) over the validation streams, carrying the state along each stream."""
@@ -183,9 +203,6 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     checkpoint = model_path(cfg.store, cfg.name)
     log_path = run_dir / "log.jsonl"
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
-    )
 
     print(
         f"{cfg.data}: {len(corpus.text):,} characters, vocabulary {len(vocab)}, "
@@ -263,18 +280,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = batches.get(pos)
-            x, y = x.to(device), y.to(device)
-            with autocast:
-                logits, hidden = model(x, hidden)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            hidden = detach_state(hidden)
+            loss_value, hidden = train_step(model, optimizer, x.to(device), y.to(device), hidden, cfg)
             step += 1
 
-            loss_value = loss.item()
             loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
             window_chars += batches.chars_per_step
             if step % 10 == 0:
