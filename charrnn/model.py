@@ -88,3 +88,67 @@ class CharRNN(nn.Module):
 def detach_state(state: State) -> State:
     """Cut the graph between truncated-BPTT chunks while keeping the values."""
     return tuple(s.detach() for s in state)
+
+
+class Stepper:
+    """One-character decoding steps for a batch of independent sequences.
+
+    `nn.LSTM` called with one time step reorders its weights on every call, which dominates at small batch.
+    The cells are written out here with the input and recurrent weights fused into one matrix per layer, so a
+    step is one `addmm` per layer plus the output layer. Results equal `CharRNN.forward` up to float rounding.
+    """
+
+    def __init__(self, model: CharRNN):
+        cfg = model.config
+        self.config = cfg
+        self.embedding = model.embedding.weight.detach()
+        self.layers: list[tuple[Tensor, ...]] = []
+        for layer in range(cfg.layers):
+            w_ih = getattr(model.rnn, f"weight_ih_l{layer}").detach()
+            w_hh = getattr(model.rnn, f"weight_hh_l{layer}").detach()
+            b_ih = getattr(model.rnn, f"bias_ih_l{layer}").detach()
+            b_hh = getattr(model.rnn, f"bias_hh_l{layer}").detach()
+            if cfg.cell == "gru":  # the reset gate multiplies only the recurrent part of n, so keep them apart
+                self.layers.append((w_ih.t().contiguous(), b_ih, w_hh.t().contiguous(), b_hh))
+            else:
+                self.layers.append((torch.cat([w_ih, w_hh], dim=1).t().contiguous(), b_ih + b_hh))
+        self.head_w = model.head.weight.detach().t().contiguous()  # (H, V)
+        self.head_b = model.head.bias.detach()
+
+    @torch.inference_mode()
+    def step(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        """ids (B,) -> logits (B, V) for the next character, and the state after `ids`."""
+        x = self.embedding[ids]  # (B, E)
+        cell = self.config.cell
+        if cell == "lstm":
+            h, c = state
+            hs, cs = [], []
+            for layer, (w, b) in enumerate(self.layers):
+                gates = torch.addmm(b, torch.cat([x, h[layer]], dim=1), w)  # (B, 4H): i, f, g, o
+                i, f, g, o = gates.chunk(4, dim=1)
+                c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+                x = torch.sigmoid(o) * torch.tanh(c_new)
+                hs.append(x)
+                cs.append(c_new)
+            new_state: State = (torch.stack(hs), torch.stack(cs))
+        elif cell == "gru":
+            (h,) = state
+            hs = []
+            for layer, (w_i, b_i, w_h, b_h) in enumerate(self.layers):
+                gi = torch.addmm(b_i, x, w_i)  # (B, 3H): r, z, n
+                gh = torch.addmm(b_h, h[layer], w_h)
+                ir, iz, in_ = gi.chunk(3, dim=1)
+                hr, hz, hn = gh.chunk(3, dim=1)
+                r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                n = torch.tanh(in_ + r * hn)
+                x = (1 - z) * n + z * h[layer]
+                hs.append(x)
+            new_state = (torch.stack(hs),)
+        else:
+            (h,) = state
+            hs = []
+            for layer, (w, b) in enumerate(self.layers):
+                x = torch.tanh(torch.addmm(b, torch.cat([x, h[layer]], dim=1), w))
+                hs.append(x)
+            new_state = (torch.stack(hs),)
+        return torch.addmm(self.head_b, x, self.head_w), new_state

@@ -5,7 +5,7 @@ The server reuses `sample_next`, so the offline sampler and the service draw cha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -14,34 +14,56 @@ from charrnn.model import CharRNN, State
 from charrnn.vocab import Vocab
 
 
+Param = float | int | None | Sequence[float | int | None]
+
+
+def _per_row(value: Param, rows: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * rows
+
+
 def sample_next(
     logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    temperature: Param = 1.0,
+    top_k: Param = None,
+    top_p: Param = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> Tensor:
     """Draw one id per row of `logits` (B, V) -> (B,).
 
-    temperature 0 is argmax. Otherwise logits are shifted by their max (for stability), divided by the
-    temperature, optionally cut to the `top_k` most likely ids and/or the smallest set whose probability
-    reaches `top_p`, and sampled.
+    Each of temperature, top_k, top_p and generator is one value for all rows or a sequence with one per row,
+    so a batch of independent requests is sampled in one call and each row draws only from its own generator
+    (a seeded request gives the same text alone or batched).
+
+    Temperature 0 is argmax. Otherwise the logits minus their max are divided by the temperature; top_k keeps the
+    k most likely ids, top_p the smallest set whose probability reaches p (the most likely id always stays).
+    The draw is one uniform number per row mapped through the cumulative distribution.
     """
+    B, V = logits.shape
+    temps = _per_row(temperature, B)
+    ks = _per_row(top_k, B)
+    ps = _per_row(top_p, B)
+    gens = _per_row(generator, B)
     logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    z = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    if top_k is not None and top_k < z.shape[-1]:
-        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    probs = torch.softmax(z, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep each id whose preceding mass is below top_p (so the most likely id is always kept).
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    greedy = logits.argmax(dim=-1)
+    if all(t == 0 for t in temps):
+        return greedy
+    t = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float32, device=logits.device)
+    z = (logits - logits.max(dim=-1, keepdim=True).values) / t[:, None]
+    probs, order = torch.softmax(z, dim=-1).sort(dim=-1, descending=True)  # (B, V), most likely first
+    rank = torch.arange(V, device=logits.device)
+    if any(k is not None for k in ks):
+        k = torch.tensor([k if k is not None else V for k in ks], device=logits.device)
+        probs = probs.masked_fill(rank[None, :] >= k[:, None], 0.0)
+    if any(p is not None for p in ps):
+        p = torch.tensor([p if p is not None else 2.0 for p in ps], dtype=torch.float32, device=logits.device)
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill((mass_before >= p[:, None]) & (rank[None, :] > 0), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in gens])
+    pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=V - 1)
+    drawn = order.gather(1, pos).squeeze(1)
+    is_greedy = torch.tensor([tt == 0 for tt in temps], device=logits.device)
+    return torch.where(is_greedy, greedy, drawn)
 
 
 def start_ids(vocab: Vocab, prime: str, skip_unknown: bool = False) -> list[int]:

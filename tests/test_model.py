@@ -47,3 +47,21 @@ def test_bad_config_is_refused(kwargs):
     settings = {"vocab_size": 5, **kwargs}
     with pytest.raises(ValueError):
         ModelConfig(**settings)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_stepper_equals_the_model(cell):
+    from charrnn.model import Stepper
+
+    torch.manual_seed(1)
+    model = CharRNN(ModelConfig(vocab_size=13, cell=cell, layers=2, hidden=20, embed=6)).eval()
+    stepper = Stepper(model)
+    ids = torch.randint(0, 13, (3, 25))
+    with torch.no_grad():
+        full_logits, full_state = model(ids)
+    state = model.init_state(3)
+    for t in range(ids.shape[1]):
+        logits, state = stepper.step(ids[:, t], state)
+        torch.testing.assert_close(logits, full_logits[:, t], rtol=1e-5, atol=1e-5)
+    for a, b in zip(state, full_state):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

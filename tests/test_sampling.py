@@ -37,3 +37,24 @@ def test_low_temperature_sharpens():
     hot = sum(int(sample_next(logits, 5.0, generator=g)) for _ in range(500))
     cold = sum(int(sample_next(logits, 0.2, generator=g)) for _ in range(500))
     assert cold > 480 and 200 < hot < 350
+
+
+def test_per_row_parameters_and_generators_match_rows_sampled_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30)
+    temps, ks, ps = [0.0, 0.7, 1.3, 1.0], [None, 5, None, 3], [None, None, 0.9, None]
+    batched_gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    alone_gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    for _ in range(50):
+        batched = sample_next(logits, temps, ks, ps, batched_gens)
+        alone = [int(sample_next(logits[i : i + 1], temps[i], ks[i], ps[i], alone_gens[i])) for i in range(4)]
+        assert batched.tolist() == alone
+    assert batched[0] == logits[0].argmax()
+
+
+def test_draws_follow_the_distribution():
+    probs = torch.tensor([[0.6, 0.3, 0.1]])
+    g = torch.Generator().manual_seed(1)
+    draws = [int(sample_next(probs.log(), 1.0, generator=g)) for _ in range(3000)]
+    shares = [draws.count(i) / 3000 for i in range(3)]
+    assert abs(shares[0] - 0.6) < 0.03 and abs(shares[1] - 0.3) < 0.03 and abs(shares[2] - 0.1) < 0.02

@@ -1,0 +1,182 @@
+"""Continuous batching: one decode loop per model steps every active stream together, one character a step.
+
+Each `Stream` is one generation. The loop stacks the states of the streams that are ready, runs one batched
+step off the event loop, samples one character per stream (each with its own parameters and generator), and
+offers each stream its character. A stream is ready again once its consumer has taken that character, so a
+stream's committed state always matches what its client was sent: if the client goes away with a character
+still pending, that character was never delivered and the session does not include it.
+Streams join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+
+from charrnn.model import State
+from charrnn.sampling import sample_next
+
+from app.metrics import Metrics
+from app.registry import LoadedModel
+
+log = logging.getLogger("charrnn")
+
+
+@dataclass
+class SamplingParams:
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    max_chars: int
+    stop: list[str]
+
+
+class Stream:
+    def __init__(self, state: State, next_input: int, params: SamplingParams, generator: torch.Generator,
+                 vocab_chars: list[str]):
+        self.state = state  # committed: the state before `next_input`
+        self.next_input = next_input
+        self.params = params
+        self.generator = generator
+        self.chars = vocab_chars
+        self.pending: tuple[State, int] | None = None  # stepped, not yet taken by the consumer
+        self.text: list[str] = []
+        self.finish_reason: str | None = None  # length | stop | cancelled | shutdown | error
+        self.error: str | None = None
+        self.decoder: Decoder | None = None
+        self._waiter: asyncio.Future | None = None
+        self._tail = ""  # the last characters, for stop strings
+        self._tail_len = max((len(s) for s in params.stop), default=0)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def _wake_consumer(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def offer(self, state: State, char_id: int) -> None:
+        self.pending = (state, char_id)
+        self._wake_consumer()
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+        self._wake_consumer()
+        if self.decoder is not None:
+            self.decoder.wake()
+
+    async def next_char(self) -> str | None:
+        """The next character, or None once the stream has finished (see `finish_reason`)."""
+        while self.pending is None and self.finish_reason is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if self.finish_reason is not None:
+            return None
+        state, char_id = self.pending
+        self.pending = None
+        self.state, self.next_input = state, char_id  # committed: this character is being delivered
+        char = self.chars[char_id]
+        self.text.append(char)
+        if self._tail_len:
+            self._tail = (self._tail + char)[-self._tail_len :]
+        if len(self.text) >= self.params.max_chars:
+            self.finish_reason = "length"
+        elif self._tail_len and any(self._tail.endswith(s) for s in self.params.stop):
+            self.finish_reason = "stop"
+        elif self.decoder is not None:
+            self.decoder.wake()
+        return char
+
+
+class Decoder:
+    """The decode loop of one loaded model. Only this task calls the model's stepper."""
+
+    def __init__(self, lm: LoadedModel, executor: Executor, metrics: Metrics, batching: bool = True):
+        self.lm = lm
+        self.executor = executor
+        self.metrics = metrics
+        self.batching = batching
+        self.streams: list[Stream] = []
+        self.closing = False
+        self._wake = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"decoder-{lm.name}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def add(self, stream: Stream) -> None:
+        stream.decoder = self
+        self.streams.append(stream)
+        self.wake()
+
+    def close(self) -> None:
+        """Stop once the running streams are done (the model was replaced or removed)."""
+        self.closing = True
+        self.wake()
+
+    def _step(self, group: list[Stream]) -> tuple[list[State], list[int]]:
+        """Runs in the executor: one batched step and one sampled character per stream."""
+        ids = torch.tensor([s.next_input for s in group])
+        state = tuple(torch.cat([s.state[i] for s in group], dim=1) for i in range(len(group[0].state)))
+        logits, new_state = self.lm.stepper.step(ids, state)
+        chosen = sample_next(
+            logits,
+            [s.params.temperature for s in group],
+            [s.params.top_k for s in group],
+            [s.params.top_p for s in group],
+            [s.generator for s in group],
+        ).tolist()
+        states = [tuple(t[:, j : j + 1] for t in new_state) for j in range(len(group))]
+        return states, chosen
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.streams = [s for s in self.streams if not s.finished]
+            ready = [s for s in self.streams if s.pending is None]
+            if not ready:
+                if self.closing and not self.streams:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(ready) < len(self.streams):
+                # Consumers woken by the last step take their characters on the next loop ticks: let them,
+                # so the streams step together instead of in ragged groups.
+                for _ in range(2):
+                    await asyncio.sleep(0)
+                ready = [s for s in self.streams if s.pending is None and not s.finished]
+            groups = [ready] if self.batching else [[s] for s in ready]
+            for group in groups:
+                self.metrics.decode_batch_size.observe(len(group))
+                try:
+                    states, chosen = await loop.run_in_executor(self.executor, self._step, group)
+                except Exception as e:  # a failing step ends these streams, not the server
+                    log.exception("decode step failed for model %s", self.lm.name)
+                    for s in group:
+                        s.finish("error", f"generation failed: {e}")
+                    continue
+                for s, state, char_id in zip(group, states, chosen):
+                    if not s.finished:
+                        s.offer(state, char_id)
+            await asyncio.sleep(0)  # let consumers run before looking for ready streams again
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,60 @@
+"""Errors at the edge: every failure a client sees is JSON `{"error": {"type", "message"}}` with a 4xx/5xx."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("charrnn")
+
+
+class APIError(Exception):
+    """An error answered to the client: HTTP status, a short machine-readable type and a plain sentence."""
+
+    def __init__(self, status: int, type: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type, message, headers or {}
+
+
+def invalid(message: str) -> APIError:
+    return APIError(422, "invalid_request", message)
+
+
+def error_body(type: str, message: str) -> dict:
+    return {"error": {"type": type, "message": message}}
+
+
+def _describe(errors: list[dict]) -> str:
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else e.get("msg", "invalid"))
+    return "; ".join(parts) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else "")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None and exc.status in (409, 429, 503):
+            metrics.rejected.labels(reason=exc.type).inc()
+        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_request", _describe(list(exc.errors()))), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "the server failed to handle this request"), status_code=500)

@@ -1,0 +1,78 @@
+"""The FastAPI app: `uvicorn app.main:app` (or `charrnn serve`) serves every model in the model store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.middleware import BodyLimit, RequestMetrics
+from app.routes import admin, generate, health, models, sessions
+from app.service import Service
+from app.settings import Settings
+
+log = logging.getLogger("charrnn")
+
+
+async def _expire_sessions(service: Service) -> None:
+    interval = min(60.0, max(0.5, service.settings.session_ttl_s / 4))
+    while True:
+        await asyncio.sleep(interval)
+        await service.sessions.expire()
+
+
+async def _watch_for_shutdown(service: Service) -> None:
+    """uvicorn's SIGTERM handler (as patched by sse-starlette) sets AppStatus.should_exit; end streams then."""
+    from sse_starlette.sse import AppStatus
+
+    while not AppStatus.should_exit:
+        await asyncio.sleep(0.1)
+    log.info("shutting down: ending %d open streams", service.running)
+    service.begin_shutdown()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        service: Service = app.state.service
+        result = await service.reload()
+        for name, why in result.errors.items():
+            log.warning("model store: skipped %s: %s", name, why)
+        log.info("loaded models: %s", ", ".join(sorted(service.registry.models)) or "none")
+        tasks = [asyncio.create_task(_expire_sessions(service)), asyncio.create_task(_watch_for_shutdown(service))]
+        try:
+            yield
+        finally:
+            service.begin_shutdown()
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            service.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="char-rnn service",
+        version="0.1.0",
+        description="Character-level RNN language models, streamed one character at a time over server-sent events.",
+        lifespan=lifespan,
+    )
+    app.state.service = Service(settings)
+    app.state.metrics = app.state.service.metrics
+    install_error_handlers(app)
+    for router in (generate.router, models.router, sessions.router, health.router, admin.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.service.metrics)
+    return app
+
+
+app = create_app()

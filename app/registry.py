@@ -1,0 +1,117 @@
+"""The model registry: every `<name>.safetensors` of the model store, loaded, warmed up, kept by name.
+
+`scan()` compares the folder with what is loaded: new files are loaded, changed files (by sha256) replace
+their model, removed files unload theirs. A file that fails to load is reported and skipped; if it replaced
+a good file, the good version stays loaded until a loadable one appears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from charrnn.checkpoint import SUFFIX, CheckpointError, CheckpointInfo, MODEL_NAME_RE, load_model
+from charrnn.model import CharRNN, State, Stepper
+from charrnn.vocab import Vocab
+
+log = logging.getLogger("charrnn")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    sha256: str
+    model: CharRNN
+    stepper: Stepper
+    vocab: Vocab
+    info: CheckpointInfo
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def newline_id(self) -> int:
+        return self.vocab.index.get("\n", 0)
+
+    @torch.inference_mode()
+    def prime(self, ids: list[int], state: State | None) -> State:
+        """Run `ids` through the model in one pass (batch 1) and return the state after them."""
+        if state is None:
+            state = self.model.init_state(1)
+        if not ids:
+            return state
+        _, state = self.model(torch.tensor([ids]), state)
+        return state
+
+    def warm_up(self) -> None:
+        """One prime pass and a few steps, so the first request does not pay for lazy initialisation."""
+        state = self.prime([self.newline_id] * 8, None)
+        ids = torch.tensor([self.newline_id])
+        for _ in range(3):
+            _, state = self.stepper.step(ids, state)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ScanResult:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class Registry:
+    def __init__(self, store: Path):
+        self.store = Path(store)
+        self.models: dict[str, LoadedModel] = {}
+
+    def get(self, name: str) -> LoadedModel | None:
+        return self.models.get(name)
+
+    def scan(self) -> ScanResult:
+        result = ScanResult()
+        found: dict[str, Path] = {}
+        if not self.store.is_dir():
+            result.errors[str(self.store)] = "model store folder does not exist"
+        else:
+            for path in sorted(self.store.glob(f"*{SUFFIX}")):
+                name = path.name[: -len(SUFFIX)]
+                if path.name.startswith("."):
+                    continue  # temporary files of atomic writes
+                if not MODEL_NAME_RE.match(name) or ".." in name:
+                    result.errors[path.name] = "file name is not a valid model name"
+                    continue
+                found[name] = path
+        for name in list(self.models):
+            if name not in found:
+                del self.models[name]
+                result.removed.append(name)
+        for name, path in found.items():
+            try:
+                sha = file_sha256(path)
+                current = self.models.get(name)
+                if current is not None and current.sha256 == sha:
+                    result.unchanged.append(name)
+                    continue
+                model, vocab, info = load_model(path)
+                loaded = LoadedModel(name, path, sha, model, Stepper(model), vocab, info)
+                loaded.warm_up()
+            except (CheckpointError, OSError, RuntimeError, ValueError) as e:
+                result.errors[path.name] = str(e)
+                log.warning("skipping %s: %s", path.name, e)
+                continue
+            (result.changed if name in self.models else result.added).append(name)
+            self.models[name] = loaded
+        return result

@@ -1,0 +1,1 @@
+"""One router per noun: generate, models, sessions, health (and metrics), admin."""

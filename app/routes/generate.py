@@ -1,0 +1,111 @@
+"""POST /generate and GET /generate: text, one character at a time, over server-sent events (or as JSON)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Query
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.errors import error_body
+from app.routes.deps import ServiceDep
+from app.schemas import ErrorResponse, GenerateParams, GenerateRequest, GenerateResult
+from app.service import Generation, Service
+
+router = APIRouter(tags=["generate"])
+
+STREAM_DOC = """\
+`stream: true` (the default) answers `text/event-stream`:
+
+- `event: start`, `data: {"session_id": ..., "model": ...}`
+- one `event: token` per character, `id:` its index, `data: {"char": "<c>", "index": <i>}`
+- `event: done`, `data:` the same object as the non-streamed answer
+- on a failure after the stream started (or server shutdown): `event: error`,
+  `data: {"error": {"type", "message"}}`, then the stream closes.
+
+`stream: false` answers one JSON object (GenerateResult).
+"""
+
+RESPONSES = {
+    200: {"description": STREAM_DOC, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    404: {"model": ErrorResponse, "description": "Unknown model or session."},
+    409: {"model": ErrorResponse, "description": "Session busy, bound to another model, or its model changed."},
+    422: {"model": ErrorResponse, "description": "Invalid parameters, or prime characters not in the vocabulary."},
+    429: {"model": ErrorResponse, "description": "Too many generations running (Retry-After given)."},
+    503: {"model": ErrorResponse, "description": "Shutting down."},
+}
+
+
+def _event(event: str, data: dict, id: str | None = None) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(data), event=event, id=id)
+
+
+async def _events(service: Service, gen: Generation) -> AsyncIterator[ServerSentEvent]:
+    metrics = service.metrics
+    stream = gen.stream
+    ended = False
+    try:
+        yield _event("start", {"session_id": gen.session.id, "model": gen.lm.name})
+        index = 0
+        last = None
+        while (char := await stream.next_char()) is not None:
+            now = time.perf_counter()
+            if last is None:
+                metrics.time_to_first_char.observe(now - gen.started)
+            else:
+                metrics.inter_char.observe(now - last)
+            last = now
+            yield _event("token", {"char": char, "index": index}, id=str(index))
+            index += 1
+        # Release the session before `done`, so a client may continue it as soon as it reads `done`.
+        await service.finalize(gen)
+        if stream.finish_reason in ("length", "stop"):
+            yield _event("done", gen.result().model_dump())
+        else:
+            kind = "shutting_down" if stream.finish_reason == "shutdown" else "generation_failed"
+            yield _event("error", error_body(kind, stream.error or "generation ended early"))
+        ended = True
+    finally:
+        if not ended:
+            metrics.streams_dropped.inc()
+        with anyio.CancelScope(shield=True):
+            await service.finalize(gen)
+
+
+async def _respond(service: Service, req: GenerateRequest):
+    gen = await service.start(req)
+    if req.stream:
+        return EventSourceResponse(
+            _events(service, gen),
+            ping=service.settings.sse_ping_s,
+            headers={"X-Accel-Buffering": "no"},  # proxies: pass characters through as they come
+            shutdown_event=anyio.Event(),
+            shutdown_grace_period=service.settings.shutdown_grace_s,
+        )
+    try:
+        while await gen.stream.next_char() is not None:
+            pass
+    finally:
+        await service.finalize(gen)
+    if gen.stream.finish_reason not in ("length", "stop"):
+        from app.errors import APIError
+
+        status = 503 if gen.stream.finish_reason == "shutdown" else 500
+        raise APIError(status, "generation_failed", gen.stream.error or "generation ended early")
+    return gen.result()
+
+
+@router.post("/generate", responses=RESPONSES, response_model=GenerateResult)
+async def generate(body: GenerateRequest, service: ServiceDep):
+    """Generate text continuing `prime` (or a session), streamed character by character."""
+    return await _respond(service, body)
+
+
+@router.get("/generate", responses=RESPONSES, response_model=GenerateResult)
+async def generate_get(params: Annotated[GenerateParams, Query()], service: ServiceDep):
+    """The same as POST with the parameters in the query string, always streamed (for `EventSource`)."""
+    return await _respond(service, GenerateRequest(**params.model_dump(), stream=True))

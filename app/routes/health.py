@@ -1,0 +1,30 @@
+"""GET /healthz (alive), GET /readyz (models loaded and warm), GET /metrics (Prometheus)."""
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.routes.deps import ServiceDep
+from app.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def readyz(service: ServiceDep):
+    if service.draining:
+        return JSONResponse(Health(status="unavailable", detail="shutting down").model_dump(), status_code=503)
+    if not service.ready:
+        detail = f"no model loaded from {service.settings.model_store} yet"
+        return JSONResponse(Health(status="unavailable", models=0, detail=detail).model_dump(), status_code=503)
+    return Health(status="ready", models=len(service.registry.models))
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(service: ServiceDep) -> Response:
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

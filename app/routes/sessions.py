@@ -1,0 +1,36 @@
+"""GET /sessions/{id} and DELETE /sessions/{id}."""
+
+from fastapi import APIRouter, Path, Response
+
+from app.errors import APIError
+from app.routes.deps import ServiceDep
+from app.schemas import SESSION_ID_PATTERN, ErrorResponse, SessionInfo
+
+router = APIRouter(prefix="/sessions", tags=["sessions"])
+
+SessionId = Path(pattern=SESSION_ID_PATTERN)
+
+
+def _not_found(session_id: str) -> APIError:
+    return APIError(404, "session_not_found", f"no session {session_id!r}: it never existed, was deleted, or expired")
+
+
+@router.get("/{session_id}", response_model=SessionInfo, responses={404: {"model": ErrorResponse}})
+async def get_session(service: ServiceDep, session_id: str = SessionId) -> SessionInfo:
+    session = await service.sessions.get(session_id)
+    if session is None:
+        raise _not_found(session_id)
+    return SessionInfo(session_id=session.id, model=session.model, created=session.created,
+                       last_used=session.last_used, generated_chars=session.generated_chars, busy=session.busy)
+
+
+@router.delete("/{session_id}", status_code=204, responses={404: {"model": ErrorResponse},
+                                                            409: {"model": ErrorResponse}})
+async def delete_session(service: ServiceDep, session_id: str = SessionId) -> Response:
+    session = await service.sessions.get(session_id)
+    if session is None:
+        raise _not_found(session_id)
+    if session.busy:
+        raise APIError(409, "session_busy", f"session {session_id} is generating; delete it when it is done")
+    await service.sessions.delete(session_id)
+    return Response(status_code=204)

@@ -1,0 +1,209 @@
+"""The service object the routes talk to: registry, sessions, decoders, and the generation flow."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import anyio
+
+
+from app.decoder import Decoder, SamplingParams, Stream, seeded_generator
+from app.errors import APIError, invalid
+from app.metrics import Metrics
+from app.registry import LoadedModel, Registry, ScanResult
+from app.schemas import GenerateRequest, GenerateResult
+from app.sessions import MemorySessionStore, Session, new_session_id
+from app.settings import Settings
+
+log = logging.getLogger("charrnn")
+
+
+@dataclass
+class Generation:
+    """A started generation: the stream, its session, and what `done` will report."""
+
+    stream: Stream
+    session: Session
+    lm: LoadedModel
+    prime_chars: int
+    started: float
+    finalized: bool = False
+
+    def result(self) -> GenerateResult:
+        return GenerateResult(
+            text="".join(self.stream.text),
+            finish_reason=self.stream.finish_reason if self.stream.finish_reason in ("length", "stop") else "length",
+            session_id=self.session.id,
+            model=self.lm.name,
+            prime_chars=self.prime_chars,
+            generated_chars=len(self.stream.text),
+            seconds=round(time.perf_counter() - self.started, 6),
+        )
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = Registry(settings.model_store)
+        self.sessions = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, self.metrics)
+        # One thread runs every model call: two cores do not gain from parallel steps, and torch uses both.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.decoders: dict[str, Decoder] = {}  # by model file sha256
+        self.running = 0  # generations admitted and not yet finalized
+        self.ready = False
+        self.draining = False
+
+    # --- models ---
+
+    async def reload(self) -> ScanResult:
+        """Rescan the model store (in the model thread, so it never overlaps a step)."""
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, self.registry.scan)
+        live = {lm.sha256 for lm in self.registry.models.values()}
+        for sha, decoder in list(self.decoders.items()):
+            if sha not in live:
+                decoder.close()  # its running streams finish on the old weights
+                del self.decoders[sha]
+        self.metrics.models_loaded.set(len(self.registry.models))
+        self.ready = bool(self.registry.models)
+        return result
+
+    def default_model_name(self) -> str | None:
+        if self.settings.default_model in self.registry.models:
+            return self.settings.default_model
+        return next(iter(sorted(self.registry.models)), None)
+
+    def decoder_for(self, lm: LoadedModel) -> Decoder:
+        decoder = self.decoders.get(lm.sha256)
+        if decoder is None:
+            decoder = Decoder(lm, self.executor, self.metrics, self.settings.batching)
+            self.decoders[lm.sha256] = decoder
+        return decoder
+
+    # --- generation ---
+
+    def _check_limits(self, req: GenerateRequest) -> None:
+        s = self.settings
+        if len(req.prime) > s.max_prime_chars:
+            raise invalid(f"prime has {len(req.prime)} characters; the limit is {s.max_prime_chars} "
+                          "(CHARRNN_MAX_PRIME_CHARS)")
+        if req.max_chars > s.max_chars:
+            raise invalid(f"max_chars {req.max_chars} is above the limit of {s.max_chars} (CHARRNN_MAX_CHARS)")
+        if not math.isfinite(req.temperature) or req.temperature > s.max_temperature:
+            raise invalid(f"temperature {req.temperature} is above the limit of {s.max_temperature} "
+                          "(CHARRNN_MAX_TEMPERATURE)")
+        stops = req.stop or []
+        if len(stops) > s.max_stop_strings:
+            raise invalid(f"stop has {len(stops)} strings; the limit is {s.max_stop_strings} "
+                          "(CHARRNN_MAX_STOP_STRINGS)")
+        for stop in stops:
+            if not stop:
+                raise invalid("stop strings must not be empty")
+            if len(stop) > s.max_stop_chars:
+                raise invalid(f"a stop string has {len(stop)} characters; the limit is {s.max_stop_chars} "
+                              "(CHARRNN_MAX_STOP_CHARS)")
+
+    async def start(self, req: GenerateRequest) -> Generation:
+        """Validate everything, reserve a slot, prime the state and hand the stream to the model's decoder.
+
+        Every refusal happens here, before a byte of the response is sent.
+        """
+        started = time.perf_counter()
+        if self.draining:
+            raise APIError(503, "shutting_down", "the server is shutting down; retry on another replica or later")
+        self._check_limits(req)
+
+        session: Session | None = None
+        if req.session_id is not None:
+            session = await self.sessions.get(req.session_id)
+            if session is None:
+                raise APIError(404, "session_not_found",
+                               f"no session {req.session_id!r}: it never existed, was deleted, or expired "
+                               f"(idle sessions expire after CHARRNN_SESSION_TTL_S={self.settings.session_ttl_s:g} s)")
+            if req.model is not None and req.model != session.model:
+                raise APIError(409, "session_model_mismatch",
+                               f"session {session.id} is bound to model {session.model!r}, not {req.model!r}")
+            lm = self.registry.get(session.model)
+            if lm is None or lm.sha256 != session.model_sha256:
+                raise APIError(409, "model_changed",
+                               f"model {session.model!r} was replaced or removed since this session started; "
+                               "its state does not fit the new weights, so start a new session")
+        else:
+            name = req.model or self.default_model_name()
+            lm = self.registry.get(name) if name else None
+            if lm is None:
+                raise APIError(404, "model_not_found", f"no model named {name!r}; GET /models lists them")
+
+        prime = req.prime
+        unknown = lm.vocab.unknown(prime)
+        if unknown:
+            if not req.skip_unknown:
+                shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown[:20])
+                raise APIError(422, "unknown_characters",
+                               f"prime has characters not in the vocabulary of model {lm.name!r}: {shown}; "
+                               "send skip_unknown: true to drop them")
+            prime = "".join(c for c in prime if c in lm.vocab.index)
+        prime_ids = [lm.vocab.index[c] for c in prime]
+
+        if self.running >= self.settings.max_streams:
+            raise APIError(429, "overloaded",
+                           f"{self.running} generations are running, the limit (CHARRNN_MAX_STREAMS) is "
+                           f"{self.settings.max_streams}; retry shortly", headers={"Retry-After": "1"})
+        if session is not None and not await self.sessions.acquire(session):
+            raise APIError(409, "session_busy", f"session {session.id} is already generating; one at a time")
+
+        self.running += 1
+        try:
+            if session is not None:
+                ids, base = [session.next_input, *prime_ids], session.state
+            else:
+                ids, base = prime_ids or [lm.newline_id], None
+            state = await asyncio.get_running_loop().run_in_executor(self.executor, lm.prime, ids[:-1], base)
+            if session is None:
+                session = Session(new_session_id(), lm.name, lm.sha256, state, ids[-1])
+                await self.sessions.add(session)
+        except BaseException:
+            self.running -= 1
+            if session is not None:
+                await self.sessions.save(session)  # releases it unchanged
+            raise
+        top_k = min(req.top_k, len(lm.vocab)) if req.top_k else None
+        params = SamplingParams(req.temperature, top_k, req.top_p, req.max_chars, list(req.stop or []))
+        stream = Stream(state, ids[-1], params, seeded_generator(req.seed), lm.vocab.chars)
+        self.decoder_for(lm).add(stream)
+        self.metrics.streams_running.labels(model=lm.name).inc()
+        return Generation(stream, session, lm, len(prime), started)
+
+    async def finalize(self, gen: Generation) -> None:
+        """Store the session as of the last delivered character, and free the slot (idempotent)."""
+        if gen.finalized:
+            return
+        gen.finalized = True
+        stream = gen.stream
+        if not stream.finished:
+            stream.finish("cancelled")
+        session = gen.session
+        # Copy: the committed state is a view into a batch tensor that should not stay pinned.
+        session.state = tuple(t.clone() for t in stream.state)
+        session.next_input = stream.next_input
+        session.generated_chars += len(stream.text)
+        self.running -= 1
+        self.metrics.streams_running.labels(model=gen.lm.name).dec()
+        self.metrics.generated_chars.labels(model=gen.lm.name).inc(len(stream.text))
+        with anyio.CancelScope(shield=True):
+            await self.sessions.save(session)
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting generations and end the open ones (each gets a final event)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.ready = False
+        for decoder in self.decoders.values():
+            for stream in decoder.streams:
+                stream.finish("shutdown", "the server is shutting down; continue this session later")

@@ -1,0 +1,39 @@
+"""Service settings: environment variables prefixed CHARRNN_ (e.g. CHARRNN_MODEL_STORE), one instance per app.
+
+Every limit a client can hit is a named setting here, and the error that enforces it names the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHARRNN_", protected_namespaces=())
+
+    model_store: Path = Path("model_store")  # folder of <name>.safetensors checkpoints
+    default_model: str = "shakespeare"  # used when a request names no model (else the only/first loaded one)
+
+    # Request limits
+    max_prime_chars: int = Field(10_000, ge=0)  # characters of `prime`
+    max_chars: int = Field(5_000, ge=1)  # upper bound of `max_chars` (characters generated per request)
+    max_temperature: float = Field(5.0, gt=0)
+    max_stop_strings: int = Field(8, ge=0)  # entries of `stop`
+    max_stop_chars: int = Field(64, ge=1)  # length of one stop string
+    max_body_bytes: int = Field(1_000_000, ge=1_000)  # request body size
+
+    # Capacity
+    max_streams: int = Field(256, ge=1)  # generations running at once; past it: 429 with Retry-After
+    max_sessions: int = Field(10_000, ge=1)  # sessions kept; the least recently used is evicted past it
+    session_ttl_s: float = Field(3600.0, gt=0)  # idle sessions expire after this many seconds
+
+    # Decoding
+    batching: bool = True  # off: every stream steps its own model call (the naive baseline)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
+
+    # Streaming and lifecycle
+    sse_ping_s: float = Field(15.0, gt=0)  # keep-alive comment interval on idle streams
+    shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM: time for open streams to get their final event
