@@ -1,8 +1,9 @@
-"""The `charrnn` command: `train`, `sample` and `info`.
+"""The `charrnn` command: `train`, `sample`, `info` and `serve`.
 
     charrnn train --data input.txt --name mytext
     charrnn sample mytext --prime "ROMEO:" --temperature 0.8 --length 500 --seed 1
     charrnn info model_store/shakespeare.safetensors
+    charrnn serve --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
@@ -158,6 +159,32 @@ def info(
         _fail(str(e))
     print(json.dumps({"config": meta.config, "vocab": "".join(meta.vocab), "training": meta.training},
                      indent=2, ensure_ascii=False))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    model_store: Annotated[Optional[Path], typer.Option(help="Checkpoint folder [default: $CHARRNN_MODEL_STORE or model_store/].")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve every model of the model store over HTTP (one process; scale with replicas)."""
+    import uvicorn
+
+    if model_store is not None:
+        os.environ["CHARRNN_MODEL_STORE"] = str(model_store)
+    from app.settings import Settings
+
+    settings = Settings()
+    uvicorn.run(
+        "app.main:app",
+        host=host,
+        port=port,
+        workers=1,  # sessions and decode loops live in the process
+        log_level=log_level,
+        # Streams get `shutdown_grace_s` to receive their final event; uvicorn waits a little longer.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 2,
+    )
 
 
 def main() -> None:

@@ -31,3 +31,20 @@ def tiny_config(tmp_path: Path, data: Path, name: str = "tiny", **overrides) -> 
     )
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> Path:
+    """A model store with small trained checkpoints: `tiny` (LSTM) and `lines` (overfit, newlines/unicode)."""
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("models")
+    store = root / "store"
+    data = root / "slice.txt"
+    data.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    train(tiny_config(root, data, name="tiny", model_store=str(store), max_steps=40, eval_every=40, lr=1e-2))
+    lines = root / "lines.txt"
+    lines.write_text("first line\r\nsecond  é東 line\n\ttab\n" * 80, encoding="utf-8")
+    train(tiny_config(root, lines, name="lines", model_store=str(store), layers=1, hidden=64, dropout=0.0,
+                      max_steps=150, eval_every=150, lr=1e-2, seq_len=32, batch_size=4))
+    return store

@@ -1,0 +1,102 @@
+"""A real server for end-to-end tests: `charrnn serve` in a subprocess on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from httpx_sse import connect_sse
+
+from conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, store: Path, env: dict[str, str] | None = None, command: list[str] | None = None,
+                 log: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": "tiny",
+                    "CHARRNN_THREADS": "1", **(env or {})}
+        self.command = command or [sys.executable, "-m", "charrnn", "serve", "--host", "127.0.0.1",
+                                   "--port", str(self.port), "--log-level", "warning"]
+        self.log_path = log or store.parent / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 60) -> Server:
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command, env=self.env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        path = "/readyz" if wait_ready else "/healthz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server not ready in {timeout} s: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self.log.close()
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The value of one sample of /metrics (0 if absent)."""
+        text = httpx.get(self.url + "/metrics").text
+        pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else r"(?:\{\})?") + r" (\S+)"
+        match = re.search("^" + pattern + "$", text, flags=re.M)
+        return float(match.group(1)) if match else 0.0
+
+
+@contextmanager
+def running(store: Path, env: dict[str, str] | None = None):
+    server = Server(store, env).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def stream_events(client: httpx.Client, body: dict | None = None, method: str = "POST", params=None) -> list:
+    """All (event, data) pairs of one generation stream."""
+    events = []
+    kwargs = {"json": body} if method == "POST" else {"params": params}
+    with connect_sse(client, method, "/generate", **kwargs) as source:
+        assert source.response.status_code == 200, source.response.read()
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for sse in source.iter_sse():
+            events.append((sse.event, json.loads(sse.data), sse.id))
+    return events
+
+
+def streamed_text(events: list) -> str:
+    return "".join(data["char"] for event, data, _ in events if event == "token")
