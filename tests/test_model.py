@@ -65,3 +65,19 @@ def test_stepper_equals_the_model(cell):
         torch.testing.assert_close(logits, full_logits[:, t], rtol=1e-5, atol=1e-5)
     for a, b in zip(state, full_state):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_steps_equal_per_session_steps():
+    from charrnn.model import Stepper
+
+    torch.manual_seed(2)
+    model = CharRNN(ModelConfig(vocab_size=9, layers=2, hidden=16, embed=4)).eval()
+    stepper = Stepper(model)
+    states = [tuple(torch.randn(2, 1, 16) for _ in range(2)) for _ in range(5)]
+    ids = torch.randint(0, 9, (5,))
+    batched_logits, batched_state = stepper.step(ids, tuple(torch.cat(parts, dim=1) for parts in zip(*states)))
+    for j, state in enumerate(states):
+        logits, alone = stepper.step(ids[j : j + 1], state)
+        torch.testing.assert_close(batched_logits[j : j + 1], logits, rtol=1e-6, atol=1e-6)
+        for a, b in zip(alone, batched_state):
+            torch.testing.assert_close(a, b[:, j : j + 1], rtol=1e-6, atol=1e-6)
