@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/charrnn sample shakespeare --prime "ROMEO:" --temperature 0.8 --length 500
+	$(BIN)/charrnn serve --host 127.0.0.1 --port 8000
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
