@@ -1,4 +1,4 @@
-"""The `charrnn` command: `train`, `sample`, `info` and `serve`.
+"""The `charrnn` command: `train`, `sample`, `evaluate`, `info` and `serve`.
 
     charrnn train --data input.txt --name mytext
     charrnn sample mytext --prime "ROMEO:" --temperature 0.8 --length 500 --seed 1
@@ -130,6 +130,10 @@ def sample(
     try:
         import torch
 
+        if device not in ("auto", "cpu", "cuda"):
+            _fail(f"--device must be auto, cpu or cuda, not {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            _fail("--device cuda was asked for, but no CUDA device is available")
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         net, vocab, _ = load_model(path, device=dev)
         if prime and not skip_unknown and vocab.unknown(prime):
@@ -143,6 +147,40 @@ def sample(
         _fail(f"the prime has {e}; pass --skip-unknown to drop them")
     except CheckpointError as e:
         _fail(str(e))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model name in the store, or a path to a .safetensors file.")],
+    data: Annotated[Path, typer.Option(help="UTF-8 text; the loss is measured on its held-out part.")],
+    val_frac: Annotated[float, typer.Option(help="Last fraction of the text to measure on (as in training).")] = 0.1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    seq_len: Annotated[int, typer.Option(min=1)] = 128,
+    model_store: Annotated[Optional[Path], typer.Option(help="Checkpoint folder.")] = None,
+) -> None:
+    """Validation loss of a checkpoint as stored (e.g. fp16 weights) on the held-out end of a text."""
+    import torch
+
+    from charrnn.checkpoint import CheckpointError, load_model
+    from charrnn.vocab import UnknownCharactersError
+    from training.data import DataError, load_text, split, val_batches
+    from training.train import bits
+    from training.train import evaluate as val_loss
+
+    try:
+        net, vocab, info = load_model(_resolve_checkpoint(model, model_store))
+        corpus = load_text(data)
+        ids = torch.from_numpy(vocab.encode(corpus.text))
+        _, val = split(ids, val_frac)
+        loss = val_loss(net, val_batches(val, batch_size, seq_len), torch.device("cpu"))
+    except UnknownCharactersError as e:
+        _fail(f"the text has {e}")
+    except (CheckpointError, DataError) as e:
+        _fail(str(e))
+    recorded = info.training.get("best_val_loss")
+    print(json.dumps({"val_loss": round(loss, 5), "val_bpc": round(bits(loss), 5), "val_chars": len(val),
+                      "weights_dtype": info.training.get("weights_dtype"),
+                      "recorded_val_loss": recorded}, indent=2))
 
 
 @app.command()

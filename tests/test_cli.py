@@ -108,3 +108,17 @@ def test_console_script_sets_the_allocator_variables():
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, **ALLOCATOR_ENV})
     assert probe.stdout.split() == ["4294967296", "4294967296"]
+
+
+def test_evaluate_measures_the_stored_checkpoint(trained, tmp_path):
+    from charrnn.checkpoint import read_metadata
+
+    data = trained.parent.parent / "abc.txt"
+    proc = charrnn("evaluate", str(trained), "--data", str(data), "--batch-size", "8", "--seq-len", "16")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    # the same split and batching as training, so the recorded best loss is reproduced
+    assert result["val_loss"] == pytest.approx(read_metadata(trained).training["best_val_loss"], abs=1e-4)
+    other = tmp_path / "other.txt"
+    other.write_text("xyz" * 100)
+    assert_plain_error(charrnn("evaluate", str(trained), "--data", str(other)), "'x' (U+0078)")

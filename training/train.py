@@ -229,7 +229,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
             "torch_version": torch.__version__,
         }
 
-    def checkpoint_and_log(loss_ema: float | None) -> float:
+    def checkpoint_and_log() -> float:
         nonlocal best_val, best_step
         val_loss = evaluate(model, val, device)
         improved = val_loss < best_val
@@ -294,7 +294,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{val_loss:.3f}", cps=f"{chars_per_s / 1000:.1f}k")
             if step % cfg.eval_every == 0:
-                val_loss = checkpoint_and_log(loss_ema)
+                val_loss = checkpoint_and_log()
                 last_eval_step = step
                 bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: val {val_loss:.4f} nats/char "
                           f"({bits(val_loss):.3f} bits/char), best {best_val:.4f}")
@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     finally:
         bar.close()
     if step != last_eval_step and step > 0:
-        val_loss = checkpoint_and_log(loss_ema)
+        val_loss = checkpoint_and_log()
     seconds = time.monotonic() - started
     plot_losses(log_path, run_dir / "loss.png")
     print(
