@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import random
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -37,7 +37,7 @@ class SamplingParams:
 
 
 class Stream:
-    def __init__(self, state: State, next_input: int, params: SamplingParams, generator: torch.Generator,
+    def __init__(self, state: State, next_input: int, params: SamplingParams, generator: random.Random,
                  vocab_chars: list[str]):
         self.state = state  # committed: the state before `next_input`
         self.next_input = next_input
@@ -169,14 +169,6 @@ class Decoder:
             await asyncio.sleep(0)  # let consumers run before looking for ready streams again
 
 
-def seeded_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
-def now() -> float:
-    return time.perf_counter()
+def seeded_generator(seed: int | None) -> random.Random:
+    """The stream's own random source: seeded requests repeat, unseeded ones draw from the OS."""
+    return random.Random(seed)

@@ -72,9 +72,17 @@ class ScanResult:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+def resolve_precision(precision: str) -> str:
+    """`auto` means bf16 where the CPU multiplies bf16 natively, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 class Registry:
-    def __init__(self, store: Path):
+    def __init__(self, store: Path, precision: str = "auto"):
         self.store = Path(store)
+        self.precision = resolve_precision(precision)
         self.models: dict[str, LoadedModel] = {}
 
     def get(self, name: str) -> LoadedModel | None:
@@ -106,7 +114,7 @@ class Registry:
                     result.unchanged.append(name)
                     continue
                 model, vocab, info = load_model(path)
-                loaded = LoadedModel(name, path, sha, model, Stepper(model), vocab, info)
+                loaded = LoadedModel(name, path, sha, model, Stepper(model, self.precision), vocab, info)
                 loaded.warm_up()
             except (CheckpointError, OSError, RuntimeError, ValueError) as e:
                 result.errors[path.name] = str(e)

@@ -50,7 +50,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = Registry(settings.model_store)
+        self.registry = Registry(settings.model_store, settings.decode_precision)
         self.sessions = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, self.metrics)
         # One thread runs every model call: two cores do not gain from parallel steps, and torch uses both.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")

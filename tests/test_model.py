@@ -81,3 +81,22 @@ def test_batched_steps_equal_per_session_steps():
         torch.testing.assert_close(batched_logits[j : j + 1], logits, rtol=1e-6, atol=1e-6)
         for a, b in zip(alone, batched_state):
             torch.testing.assert_close(a, b[:, j : j + 1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_bf16_stepper_is_close_and_exactly_batch_invariant(cell):
+    from charrnn.model import Stepper
+
+    torch.manual_seed(4)
+    model = CharRNN(ModelConfig(vocab_size=11, cell=cell, layers=2, hidden=32, embed=8)).eval()
+    fp32, bf16 = Stepper(model), Stepper(model, precision="bf16")
+    states = [tuple(torch.randn(2, 1, 32) * 0.5 for _ in range(len(model.init_state(1)))) for _ in range(6)]
+    ids = torch.randint(0, 11, (6,))
+    batch = tuple(torch.cat(parts, dim=1) for parts in zip(*states))
+    logits16, state16 = bf16.step(ids, batch)
+    logits32, _ = fp32.step(ids, batch)
+    assert logits16.dtype == torch.float32 and state16[0].dtype == torch.float32
+    torch.testing.assert_close(logits16, logits32, atol=0.1, rtol=0.05)
+    for j, state in enumerate(states):
+        alone, _ = bf16.step(ids[j : j + 1], state)
+        assert torch.equal(alone, logits16[j : j + 1])

@@ -58,3 +58,15 @@ def test_draws_follow_the_distribution():
     draws = [int(sample_next(probs.log(), 1.0, generator=g)) for _ in range(3000)]
     shares = [draws.count(i) / 3000 for i in range(3)]
     assert abs(shares[0] - 0.6) < 0.03 and abs(shares[1] - 0.3) < 0.03 and abs(shares[2] - 0.1) < 0.02
+
+
+def test_a_rows_draw_does_not_depend_on_the_other_rows_parameters():
+    import random
+
+    torch.manual_seed(3)
+    logits = torch.randn(3, 40)
+    for seed in range(30):
+        alone = int(sample_next(logits[:1], 1.0, generator=random.Random(seed)))
+        mixed = sample_next(logits, [1.0, 0.5, 0.0], [None, 3, None], [None, None, 0.5],
+                            [random.Random(seed), random.Random(1), random.Random(2)])
+        assert int(mixed[0]) == alone
