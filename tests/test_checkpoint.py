@@ -14,7 +14,6 @@ from charrnn.checkpoint import (
     load_model,
     model_path,
     read_header,
-    read_metadata,
     save_model,
     validate_model_name,
 )

@@ -10,7 +10,6 @@ import threading
 import time
 
 import httpx
-import pytest
 from httpx_sse import connect_sse
 
 from server import Server, running, stream_events, streamed_text

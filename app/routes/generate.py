@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Query
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.errors import error_body
+from app.errors import APIError, error_body
 from app.routes.deps import ServiceDep
 from app.schemas import ErrorResponse, GenerateParams, GenerateRequest, GenerateResult
 from app.service import Generation, Service
+from app.sse import event_frame, event_response, token_frame
 
 router = APIRouter(tags=["generate"])
 
@@ -40,34 +39,31 @@ RESPONSES = {
 }
 
 
-def _event(event: str, data: dict, id: str | None = None) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(data), event=event, id=id)
-
-
-async def _events(service: Service, gen: Generation) -> AsyncIterator[ServerSentEvent]:
+async def _events(service: Service, gen: Generation) -> AsyncIterator[bytes]:
     metrics = service.metrics
     stream = gen.stream
     ended = False
     try:
-        yield _event("start", {"session_id": gen.session.id, "model": gen.lm.name})
+        yield event_frame("start", {"session_id": gen.session.id, "model": gen.lm.name})
         index = 0
         last = None
+        observe_gap = metrics.inter_char.observe
         while (char := await stream.next_char()) is not None:
             now = time.perf_counter()
             if last is None:
                 metrics.time_to_first_char.observe(now - gen.started)
             else:
-                metrics.inter_char.observe(now - last)
+                observe_gap(now - last)
             last = now
-            yield _event("token", {"char": char, "index": index}, id=str(index))
+            yield token_frame(char, index)
             index += 1
         # Release the session before `done`, so a client may continue it as soon as it reads `done`.
         await service.finalize(gen)
         if stream.finish_reason in ("length", "stop"):
-            yield _event("done", gen.result().model_dump())
+            yield event_frame("done", gen.result().model_dump())
         else:
             kind = "shutting_down" if stream.finish_reason == "shutdown" else "generation_failed"
-            yield _event("error", error_body(kind, stream.error or "generation ended early"))
+            yield event_frame("error", error_body(kind, stream.error or "generation ended early"))
         ended = True
     finally:
         if not ended:
@@ -79,21 +75,13 @@ async def _events(service: Service, gen: Generation) -> AsyncIterator[ServerSent
 async def _respond(service: Service, req: GenerateRequest):
     gen = await service.start(req)
     if req.stream:
-        return EventSourceResponse(
-            _events(service, gen),
-            ping=service.settings.sse_ping_s,
-            headers={"X-Accel-Buffering": "no"},  # proxies: pass characters through as they come
-            shutdown_event=anyio.Event(),
-            shutdown_grace_period=service.settings.shutdown_grace_s,
-        )
+        return event_response(_events(service, gen), service.settings.sse_ping_s, service.settings.shutdown_grace_s)
     try:
         while await gen.stream.next_char() is not None:
             pass
     finally:
         await service.finalize(gen)
     if gen.stream.finish_reason not in ("length", "stop"):
-        from app.errors import APIError
-
         status = 503 if gen.stream.finish_reason == "shutdown" else 500
         raise APIError(status, "generation_failed", gen.stream.error or "generation ended early")
     return gen.result()
