@@ -105,6 +105,8 @@ class Decoder:
         self.batching = batching
         self.streams: list[Stream] = []
         self.closing = False
+        self._prime_queue: list[tuple[list[int], State | None, asyncio.Future]] = []
+        self._priming = False
         self._wake = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"decoder-{lm.name}")
 
@@ -115,6 +117,36 @@ class Decoder:
         stream.decoder = self
         self.streams.append(stream)
         self.wake()
+
+    async def prime(self, ids: list[int], state: State | None) -> State:
+        """The state after reading `ids` from `state`. Primes that arrive while a priming pass runs are read
+        together in the next pass, so a burst of new streams costs one batched pass, not one each."""
+        future = asyncio.get_running_loop().create_future()
+        self._prime_queue.append((ids, state, future))
+        if not self._priming:
+            self._start_priming()
+        return await future
+
+    def _start_priming(self) -> None:
+        batch, self._prime_queue = self._prime_queue, []
+        self._priming = True
+        self.metrics.prime_batch_size.observe(len(batch))
+        done = asyncio.get_running_loop().run_in_executor(
+            self.executor, self.lm.prime_batch, [ids for ids, _, _ in batch], [state for _, state, _ in batch])
+
+        def deliver(result: asyncio.Future) -> None:
+            self._priming = False
+            for i, (_, _, future) in enumerate(batch):
+                if future.done():
+                    continue  # the request was cancelled meanwhile
+                if result.exception() is not None:
+                    future.set_exception(result.exception())
+                else:
+                    future.set_result(result.result()[i])
+            if self._prime_queue:
+                self._start_priming()
+
+        done.add_done_callback(deliver)
 
     def close(self) -> None:
         """Stop once the running streams are done (the model was replaced or removed)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from charrnn.checkpoint import SUFFIX, CheckpointError, CheckpointInfo, MODEL_NAME_RE, load_model
 from charrnn.model import CharRNN, State, Stepper
@@ -40,12 +41,34 @@ class LoadedModel:
     @torch.inference_mode()
     def prime(self, ids: list[int], state: State | None) -> State:
         """Run `ids` through the model in one pass (batch 1) and return the state after them."""
-        if state is None:
-            state = self.model.init_state(1)
-        if not ids:
-            return state
-        _, state = self.model(torch.tensor([ids]), state)
-        return state
+        return self.prime_batch([ids], [state])[0]
+
+    @torch.inference_mode()
+    def prime_batch(self, prompts: list[list[int]], states: list[State | None]) -> list[State]:
+        """Read several primes of any lengths in one packed pass; returns each one's state after its prime.
+
+        With bf16 decoding the pass runs under bf16 autocast (about 1.8x faster; see docs/benchmarks.md).
+        """
+        model = self.model
+        fresh = model.init_state(1)
+        starts = [s if s is not None else fresh for s in states]
+        if not any(prompts):
+            return starts
+        lengths = torch.tensor([max(1, len(p)) for p in prompts])
+        padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            padded[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+        packed = pack_padded_sequence(model.embedding(padded), lengths, batch_first=True, enforce_sorted=False)
+        h0 = tuple(torch.cat([s[i] for s in starts], dim=1) for i in range(len(fresh)))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.stepper.precision == "bf16")
+        with autocast:
+            _, hn = model.rnn(packed, h0 if model.config.cell == "lstm" else h0[0])
+        hn = hn if isinstance(hn, tuple) else (hn,)
+        out = []
+        for row, p in enumerate(prompts):
+            # an empty prompt keeps its start state (it was run on a dummy character only to keep shapes)
+            out.append(starts[row] if not p else tuple(t[:, row : row + 1].float().clone() for t in hn))
+        return out
 
     def warm_up(self) -> None:
         """One prime pass and a few steps, so the first request does not pay for lazy initialisation."""

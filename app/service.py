@@ -163,7 +163,7 @@ class Service:
                 ids, base = [session.next_input, *prime_ids], session.state
             else:
                 ids, base = prime_ids or [lm.newline_id], None
-            state = await asyncio.get_running_loop().run_in_executor(self.executor, lm.prime, ids[:-1], base)
+            state = await self.decoder_for(lm).prime(ids[:-1], base)
             if session is None:
                 session = Session(new_session_id(), lm.name, lm.sha256, state, ids[-1])
                 await self.sessions.add(session)

@@ -100,3 +100,30 @@ def test_bf16_stepper_is_close_and_exactly_batch_invariant(cell):
     for j, state in enumerate(states):
         alone, _ = bf16.step(ids[j : j + 1], state)
         assert torch.equal(alone, logits16[j : j + 1])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_priming_of_several_prompts_equals_priming_each_alone(cell, tmp_path):
+    from app.registry import Registry
+    from charrnn.checkpoint import save_model
+    from charrnn.vocab import Vocab
+
+    torch.manual_seed(5)
+    vocab = Vocab.from_text("abcdefgh\n")
+    model = CharRNN(ModelConfig(vocab_size=len(vocab), cell=cell, layers=2, hidden=16, embed=4))
+    save_model(tmp_path / "m.safetensors", model, vocab, {})
+    registry = Registry(tmp_path, precision="fp32")
+    registry.scan()
+    lm = registry.get("m")
+    prompts = [[1, 2, 3, 4, 5], [], [7], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1]]
+    base = tuple(torch.randn(2, 1, 16) for _ in range(len(model.init_state(1))))
+    starts = [None, base, base, None]
+    together = lm.prime_batch(prompts, starts)
+    for prompt, start, state in zip(prompts, starts, together):
+        alone = lm.prime_batch([prompt], [start])[0]
+        for a, b in zip(alone, state):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(together[1], base))  # an empty prompt keeps its state
+    with torch.no_grad():
+        _, direct = model(torch.tensor([prompts[3]]))
+    torch.testing.assert_close(together[3][0], direct[0], rtol=1e-5, atol=1e-5)
