@@ -30,6 +30,9 @@ def model_step_rate(checkpoint: Path, batch: int, seconds: float = 2.0, threads:
     """Characters per second of batched decoding steps with sampling."""
     import torch
 
+    import random
+
+    from app.registry import resolve_precision
     from charrnn.checkpoint import load_model
     from charrnn.model import Stepper
     from charrnn.sampling import sample_next
@@ -37,10 +40,10 @@ def model_step_rate(checkpoint: Path, batch: int, seconds: float = 2.0, threads:
     if threads:
         torch.set_num_threads(threads)
     model, vocab, _ = load_model(checkpoint)
-    stepper = Stepper(model)
+    stepper = Stepper(model, resolve_precision("auto"))  # what the server decodes with
     state = model.init_state(batch)
     ids = torch.full((batch,), vocab.index.get("\n", 0))
-    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    gens = [random.Random(i) for i in range(batch)]
     temps, ks, ps = [1.0] * batch, [None] * batch, [None] * batch
     for _ in range(20):  # warm-up
         logits, state = stepper.step(ids, state)
@@ -77,7 +80,8 @@ def main() -> None:
     parser.add_argument("--sse-streams", type=int, default=64)
     args = parser.parse_args()
     reexec_with_allocator_env([str(Path(__file__).resolve()), *sys.argv[1:]])
-    result = {"model_chars_per_s": {b: round(model_step_rate(args.checkpoint, b, args.seconds)) for b in args.batches}}
+    result = {f"model_chars_per_s_{t}_thread": {b: round(model_step_rate(args.checkpoint, b, args.seconds, t))
+                                                 for b in args.batches} for t in (1, 2)}
     result["sse"] = sse_emission_rate(args.sse_streams)
     print(json.dumps(result, indent=2))
 
