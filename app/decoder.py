@@ -2,10 +2,12 @@
 
 Each `Stream` is one generation. The loop stacks the states of the streams that are ready, runs one batched
 step off the event loop, samples one character per stream (each with its own parameters and generator), and
-offers each stream its character. A stream is ready again once its consumer has taken that character, so a
-stream's committed state always matches what its client was sent: if the client goes away with a character
-still pending, that character was never delivered and the session does not include it.
-Streams join and leave between steps.
+offers each stream its character. Streams join and leave between steps.
+
+A stream may run `LOOKAHEAD` characters ahead of its client: while the model computes the next step, the
+event loop sends the characters of the last one, so the two overlap. What the client was sent is tracked
+apart from what was computed: the stream's committed state is always the one after its last *delivered*
+character, and characters computed but not delivered when a client leaves are dropped, never stored.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -36,6 +39,10 @@ class SamplingParams:
     stop: list[str]
 
 
+LOOKAHEAD = 2  # characters computed ahead of delivery, per stream
+SMALL_BATCH = 8  # batches up to this size step with `small_batch_threads`
+
+
 class Stream:
     def __init__(self, state: State, next_input: int, params: SamplingParams, generator: random.Random,
                  vocab_chars: list[str]):
@@ -44,7 +51,7 @@ class Stream:
         self.params = params
         self.generator = generator
         self.chars = vocab_chars
-        self.pending: tuple[State, int] | None = None  # stepped, not yet taken by the consumer
+        self.pending: deque[tuple[State, int]] = deque()  # stepped, not yet taken by the consumer
         self.text: list[str] = []
         self.finish_reason: str | None = None  # length | stop | cancelled | shutdown | error
         self.error: str | None = None
@@ -61,8 +68,19 @@ class Stream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    @property
+    def ready(self) -> bool:
+        """Whether the next step may include this stream."""
+        ahead = len(self.pending)
+        return self.finish_reason is None and ahead < LOOKAHEAD and len(self.text) + ahead < self.params.max_chars
+
+    @property
+    def latest(self) -> tuple[State, int]:
+        """The state and input the next step continues from (the newest computed character)."""
+        return self.pending[-1] if self.pending else (self.state, self.next_input)
+
     def offer(self, state: State, char_id: int) -> None:
-        self.pending = (state, char_id)
+        self.pending.append((state, char_id))
         self._wake_consumer()
 
     def finish(self, reason: str, error: str | None = None) -> None:
@@ -74,13 +92,12 @@ class Stream:
 
     async def next_char(self) -> str | None:
         """The next character, or None once the stream has finished (see `finish_reason`)."""
-        while self.pending is None and self.finish_reason is None:
+        while not self.pending and self.finish_reason is None:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         if self.finish_reason is not None:
             return None
-        state, char_id = self.pending
-        self.pending = None
+        state, char_id = self.pending.popleft()
         self.state, self.next_input = state, char_id  # committed: this character is being delivered
         char = self.chars[char_id]
         self.text.append(char)
@@ -98,8 +115,10 @@ class Stream:
 class Decoder:
     """The decode loop of one loaded model. Only this task calls the model's stepper."""
 
-    def __init__(self, lm: LoadedModel, executor: Executor, metrics: Metrics, batching: bool = True):
+    def __init__(self, lm: LoadedModel, executor: Executor, metrics: Metrics, batching: bool = True,
+                 threads: int = 1, small_batch_threads: int = 2):
         self.lm = lm
+        self.threads, self.small_batch_threads = threads, small_batch_threads
         self.executor = executor
         self.metrics = metrics
         self.batching = batching
@@ -153,10 +172,15 @@ class Decoder:
         self.closing = True
         self.wake()
 
+    @torch.inference_mode()
     def _step(self, group: list[Stream]) -> tuple[list[State], list[int]]:
         """Runs in the executor: one batched step and one sampled character per stream."""
-        ids = torch.tensor([s.next_input for s in group])
-        state = tuple(torch.cat([s.state[i] for s in group], dim=1) for i in range(len(group[0].state)))
+        # Small batches are latency-bound and gain from a second thread; large ones leave a core to the
+        # event loop that frames and sends the characters (docs/benchmarks.md).
+        torch.set_num_threads(self.small_batch_threads if len(group) <= SMALL_BATCH else self.threads)
+        latest = [s.latest for s in group]
+        ids = torch.tensor([char_id for _, char_id in latest])
+        state = tuple(torch.cat([st[i] for st, _ in latest], dim=1) for i in range(len(latest[0][0])))
         logits, new_state = self.lm.stepper.step(ids, state)
         chosen = sample_next(
             logits,
@@ -172,7 +196,7 @@ class Decoder:
         loop = asyncio.get_running_loop()
         while True:
             self.streams = [s for s in self.streams if not s.finished]
-            ready = [s for s in self.streams if s.pending is None]
+            ready = [s for s in self.streams if s.ready]
             if not ready:
                 if self.closing and not self.streams:
                     return
@@ -184,7 +208,7 @@ class Decoder:
                 # so the streams step together instead of in ragged groups.
                 for _ in range(2):
                     await asyncio.sleep(0)
-                ready = [s for s in self.streams if s.pending is None and not s.finished]
+                ready = [s for s in self.streams if s.ready]
             groups = [ready] if self.batching else [[s] for s in ready]
             for group in groups:
                 self.metrics.decode_batch_size.observe(len(group))

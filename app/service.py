@@ -81,7 +81,8 @@ class Service:
     def decoder_for(self, lm: LoadedModel) -> Decoder:
         decoder = self.decoders.get(lm.sha256)
         if decoder is None:
-            decoder = Decoder(lm, self.executor, self.metrics, self.settings.batching)
+            decoder = Decoder(lm, self.executor, self.metrics, self.settings.batching, self.settings.threads,
+                              self.settings.small_batch_threads)
             self.decoders[lm.sha256] = decoder
         return decoder
 

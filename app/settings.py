@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     # each row independent of its batch), else fp32. See docs/benchmarks.md.
     decode_precision: Literal["auto", "fp32", "bf16"] = "auto"
     # torch CPU threads for model steps. One leaves the other core to the event loop that frames and sends the
-    # characters: at 64 streams 7.9k chars/s with 1 thread against 6.1k with 2 (docs/benchmarks.md).
-    threads: int | None = Field(1, ge=1)
+    # characters: at 64 streams 7.9k chars/s with 1 thread against 6.1k with 2 (docs/benchmarks.md). Steps of
+    # up to 8 streams are latency-bound and use `small_batch_threads`.
+    threads: int = Field(1, ge=1)
+    small_batch_threads: int = Field(2, ge=1)
 
     # Streaming and lifecycle
     sse_ping_s: float = Field(15.0, gt=0)  # keep-alive comment interval on idle streams
