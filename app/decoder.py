@@ -43,15 +43,27 @@ LOOKAHEAD = 2  # characters computed ahead of delivery, per stream
 SMALL_BATCH = 8  # batches up to this size step with `small_batch_threads`
 
 
+@dataclass(frozen=True)
+class Row:
+    """One stream's state as a row of a batch state, so steps neither split nor (mostly) re-stack states."""
+
+    batch: State  # tensors (layers, B, hidden)
+    index: int
+
+    def materialize(self) -> State:
+        """A compact copy of this row, shape (layers, 1, hidden), that does not pin the batch."""
+        return tuple(t[:, self.index : self.index + 1].clone() for t in self.batch)
+
+
 class Stream:
     def __init__(self, state: State, next_input: int, params: SamplingParams, generator: random.Random,
                  vocab_chars: list[str]):
-        self.state = state  # committed: the state before `next_input`
+        self.state = Row(state, 0)  # committed: the state before `next_input`
         self.next_input = next_input
         self.params = params
         self.generator = generator
         self.chars = vocab_chars
-        self.pending: deque[tuple[State, int]] = deque()  # stepped, not yet taken by the consumer
+        self.pending: deque[tuple[Row, int]] = deque()  # stepped, not yet taken by the consumer
         self.text: list[str] = []
         self.finish_reason: str | None = None  # length | stop | cancelled | shutdown | error
         self.error: str | None = None
@@ -75,11 +87,11 @@ class Stream:
         return self.finish_reason is None and ahead < LOOKAHEAD and len(self.text) + ahead < self.params.max_chars
 
     @property
-    def latest(self) -> tuple[State, int]:
+    def latest(self) -> tuple[Row, int]:
         """The state and input the next step continues from (the newest computed character)."""
         return self.pending[-1] if self.pending else (self.state, self.next_input)
 
-    def offer(self, state: State, char_id: int) -> None:
+    def offer(self, state: Row, char_id: int) -> None:
         self.pending.append((state, char_id))
         self._wake_consumer()
 
@@ -173,14 +185,20 @@ class Decoder:
         self.wake()
 
     @torch.inference_mode()
-    def _step(self, group: list[Stream]) -> tuple[list[State], list[int]]:
+    def _step(self, group: list[Stream]) -> tuple[State, list[int]]:
         """Runs in the executor: one batched step and one sampled character per stream."""
         # Small batches are latency-bound and gain from a second thread; large ones leave a core to the
         # event loop that frames and sends the characters (docs/benchmarks.md).
         torch.set_num_threads(self.small_batch_threads if len(group) <= SMALL_BATCH else self.threads)
         latest = [s.latest for s in group]
         ids = torch.tensor([char_id for _, char_id in latest])
-        state = tuple(torch.cat([st[i] for st, _ in latest], dim=1) for i in range(len(latest[0][0])))
+        rows = [row for row, _ in latest]
+        first = rows[0].batch
+        if all(r.batch is first and r.index == j for j, r in enumerate(rows)) and first[0].shape[1] == len(rows):
+            state = first  # the same streams in the same order as the last step: nothing to stack
+        else:
+            state = tuple(torch.cat([r.batch[i][:, r.index : r.index + 1] for r in rows], dim=1)
+                          for i in range(len(first)))
         logits, new_state = self.lm.stepper.step(ids, state)
         chosen = sample_next(
             logits,
@@ -189,8 +207,7 @@ class Decoder:
             [s.params.top_p for s in group],
             [s.generator for s in group],
         ).tolist()
-        states = [tuple(t[:, j : j + 1] for t in new_state) for j in range(len(group))]
-        return states, chosen
+        return new_state, chosen
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -213,15 +230,15 @@ class Decoder:
             for group in groups:
                 self.metrics.decode_batch_size.observe(len(group))
                 try:
-                    states, chosen = await loop.run_in_executor(self.executor, self._step, group)
+                    new_state, chosen = await loop.run_in_executor(self.executor, self._step, group)
                 except Exception as e:  # a failing step ends these streams, not the server
                     log.exception("decode step failed for model %s", self.lm.name)
                     for s in group:
                         s.finish("error", f"generation failed: {e}")
                     continue
-                for s, state, char_id in zip(group, states, chosen):
+                for j, (s, char_id) in enumerate(zip(group, chosen)):
                     if not s.finished:
-                        s.offer(state, char_id)
+                        s.offer(Row(new_state, j), char_id)
             await asyncio.sleep(0)  # let consumers run before looking for ready streams again
 
 

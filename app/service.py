@@ -189,8 +189,7 @@ class Service:
         if not stream.finished:
             stream.finish("cancelled")
         session = gen.session
-        # Copy: the committed state is a view into a batch tensor that should not stay pinned.
-        session.state = tuple(t.clone() for t in stream.state)
+        session.state = stream.state.materialize()  # a copy: the batch it lives in should not stay pinned
         session.next_input = stream.next_input
         session.generated_chars += len(stream.text)
         self.running -= 1

@@ -142,12 +142,13 @@ def render(results: list[dict], args) -> str:
         idle_mb = (idle["rss_after_mib"] - idle["rss_before_mib"]) * 1.048576
         limit64 = min(best[64], sse)
         checks = [
-            ("64 streams vs naive baseline", f"{b64['agg_chars_per_s'] / n64['agg_chars_per_s']:.1f}x", "≥ 10x",
+            ("64 streams vs naive baseline", f"{b64['agg_chars_per_s'] / n64['agg_chars_per_s']:.2f}x", "≥ 10x",
              b64["agg_chars_per_s"] / n64["agg_chars_per_s"] >= 10),
             ("64 streams vs min(model ceiling at 64, SSE ceiling)",
              f"{b64['agg_chars_per_s'] / limit64:.0%} of {limit64:,.0f}", "≥ 50%", b64["agg_chars_per_s"] / limit64 >= 0.5),
-            ("1 stream vs batch-1 model step rate", f"{b1['agg_chars_per_s'] / best[1]:.0%} of {best[1]:,}", "≥ 70%",
-             b1["agg_chars_per_s"] / best[1] >= 0.7),
+            ("1 stream (after its first character) vs batch-1 model step rate",
+             f"{b1['per_stream_chars_per_s'] / best[1]:.0%} of {best[1]:,}", "≥ 70%",
+             b1["per_stream_chars_per_s"] / best[1] >= 0.7),
             ("time to first character p99, 64 streams", f"{b64['ttfc_p99_ms']:.0f} ms", "≤ 50 ms",
              b64["ttfc_p99_ms"] <= 50),
             ("256 concurrent streams", f"{b256['errors']} errors", "0 errors", b256["errors"] == 0),
@@ -170,11 +171,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", type=Path,
                         help="checkpoints [default: model_store/shakespeare.safetensors and a 2x256 model]")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--from-json", type=Path, help="render saved results (runs/bench-report.json) again")
     args = parser.parse_args()
-    models = args.models or [REPO / "model_store" / "shakespeare.safetensors", ensure_small_model()]
-    results = [measure(m, args) for m in models]
-    (REPO / "runs").mkdir(exist_ok=True)
-    (REPO / "runs" / "bench-report.json").write_text(json.dumps(results, indent=2))
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        models = args.models or [REPO / "model_store" / "shakespeare.safetensors", ensure_small_model()]
+        results = [measure(m, args) for m in models]
+        (REPO / "runs").mkdir(exist_ok=True)
+        (REPO / "runs" / "bench-report.json").write_text(json.dumps(results, indent=2))
     section = render(results, args)
     print(section)
     if not args.no_write:
