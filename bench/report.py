@@ -121,7 +121,7 @@ def render(results: list[dict], args) -> str:
         best = {int(b): max(c["model_chars_per_s_1_thread"][b], c["model_chars_per_s_2_thread"][b])
                 for b in c["model_chars_per_s_1_thread"]}
         sse = c["sse"]["agg_chars_per_s"]
-        lines += [f"### {res['name']}", "",
+        lines += [f"#### {res['name']}", "",
                   "Ceilings without HTTP (chars/s): model step + sampling, 1 / 2 threads; SSE emission with a trivial "
                   "generator.", "",
                   "| batch | 1 thread | 2 threads |", "|---:|---:|---:|"]
