@@ -17,7 +17,7 @@ from app.errors import APIError, invalid
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, ScanResult
 from app.schemas import GenerateRequest, GenerateResult
-from app.sessions import MemorySessionStore, Session, new_session_id
+from app.sessions import MemorySessionStore, Session, StatePool, new_session_id
 from app.settings import Settings
 
 log = logging.getLogger("charrnn")
@@ -55,6 +55,7 @@ class Service:
         # One thread runs every model call: two cores do not gain from parallel steps, and torch uses both.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.decoders: dict[str, Decoder] = {}  # by model file sha256
+        self.pools: dict[str, StatePool] = {}  # session states, by model file sha256
         self.running = 0  # generations admitted and not yet finalized
         self.ready = False
         self.draining = False
@@ -166,7 +167,10 @@ class Service:
                 ids, base = prime_ids or [lm.newline_id], None
             state = await self.decoder_for(lm).prime(ids[:-1], base)
             if session is None:
-                session = Session(new_session_id(), lm.name, lm.sha256, state, ids[-1])
+                pool = self.pools.get(lm.sha256)
+                if pool is None:
+                    pool = self.pools[lm.sha256] = StatePool(state)
+                session = Session.create(new_session_id(), lm.name, lm.sha256, pool, state, ids[-1])
                 await self.sessions.add(session)
         except BaseException:
             self.running -= 1

@@ -12,6 +12,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import torch
+
 from charrnn.model import State
 
 from app.metrics import Metrics
@@ -21,17 +23,77 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(24)  # 192 random bits
 
 
-@dataclass
+class StatePool:
+    """The states of one model's sessions, in preallocated chunks of slots.
+
+    A session then costs its floats and little else: no tensor objects or allocations of its own (10,000
+    separate per-session tensors cost about 6 KB each on top of the state; see docs/benchmarks.md).
+    Chunks are allocated empty, so memory is only touched for slots in use.
+    """
+
+    CHUNK = 1024
+
+    def __init__(self, template: State):
+        self.shapes = [(t.shape[0], t.shape[2]) for t in template]  # (layers, hidden) per state tensor
+        self.dtypes = [t.dtype for t in template]
+        self.chunks: list[tuple[torch.Tensor, ...]] = []
+        self.free: list[int] = []
+
+    def alloc(self) -> int:
+        if not self.free:
+            base = len(self.chunks) * self.CHUNK
+            self.chunks.append(tuple(torch.empty((layers, self.CHUNK, hidden), dtype=dtype)
+                                     for (layers, hidden), dtype in zip(self.shapes, self.dtypes)))
+            self.free = list(range(base + self.CHUNK - 1, base - 1, -1))
+        return self.free.pop()
+
+    def read(self, slot: int) -> State:
+        """Views (layers, 1, hidden) of the slot; valid until the slot is written again."""
+        chunk, i = divmod(slot, self.CHUNK)
+        return tuple(t[:, i : i + 1] for t in self.chunks[chunk])
+
+    def write(self, slot: int, state: State) -> None:
+        chunk, i = divmod(slot, self.CHUNK)
+        for dst, src in zip(self.chunks[chunk], state):
+            dst[:, i : i + 1].copy_(src)
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+@dataclass(slots=True)
 class Session:
     id: str
     model: str
     model_sha256: str  # the model file this state belongs to
-    state: State
+    pool: StatePool
+    slot: int
     next_input: int
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     generated_chars: int = 0
     busy: bool = False
+    released: bool = False
+
+    @classmethod
+    def create(cls, id: str, model: str, model_sha256: str, pool: StatePool, state: State, next_input: int) -> Session:
+        session = cls(id, model, model_sha256, pool, pool.alloc(), next_input)
+        session.state = state
+        return session
+
+    @property
+    def state(self) -> State:
+        return self.pool.read(self.slot)
+
+    @state.setter
+    def state(self, value: State) -> None:
+        self.pool.write(self.slot, value)
+
+    def release(self) -> None:
+        """Give the slot back (the session is gone)."""
+        if not self.released:
+            self.released = True
+            self.pool.release(self.slot)
 
 
 class MemorySessionStore:
@@ -80,9 +142,11 @@ class MemorySessionStore:
         self.metrics.sessions_active.set(len(self._sessions))
 
     async def delete(self, session_id: str) -> bool:
-        found = self._sessions.pop(session_id, None) is not None
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.release()
         self.metrics.sessions_active.set(len(self._sessions))
-        return found
+        return session is not None
 
     async def expire(self) -> int:
         """Drop every idle session past its TTL; returns how many."""
@@ -93,7 +157,9 @@ class MemorySessionStore:
         return len(stale)
 
     def _drop(self, session_id: str, why: str) -> None:
-        if self._sessions.pop(session_id, None) is not None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.release()
             self.metrics.sessions_evicted.labels(why=why).inc()
             self.metrics.sessions_active.set(len(self._sessions))
 

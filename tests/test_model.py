@@ -127,3 +127,19 @@ def test_packed_priming_of_several_prompts_equals_priming_each_alone(cell, tmp_p
     with torch.no_grad():
         _, direct = model(torch.tensor([prompts[3]]))
     torch.testing.assert_close(together[3][0], direct[0], rtol=1e-5, atol=1e-5)
+
+
+def test_state_pool_slots_are_independent_and_reused():
+    from app.sessions import StatePool
+
+    template = (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8))
+    pool = StatePool(template)
+    slots = [pool.alloc() for _ in range(StatePool.CHUNK + 3)]  # crosses into a second chunk
+    assert len(set(slots)) == len(slots) and len(pool.chunks) == 2
+    states = {s: (torch.full((2, 1, 8), float(s)), torch.full((2, 1, 8), -float(s))) for s in slots[-5:]}
+    for slot, state in states.items():
+        pool.write(slot, state)
+    for slot, state in states.items():
+        assert all(torch.equal(a, b) for a, b in zip(pool.read(slot), state))
+    pool.release(slots[-1])
+    assert pool.alloc() == slots[-1]
