@@ -70,6 +70,9 @@ class Service:
             if sha not in live:
                 decoder.close()  # its running streams finish on the old weights
                 del self.decoders[sha]
+        for sha, pool in list(self.pools.items()):
+            if sha not in live and pool.in_use == 0:
+                del self.pools[sha]  # the last session of a replaced model is gone
         self.metrics.models_loaded.set(len(self.registry.models))
         self.ready = bool(self.registry.models)
         return result

@@ -60,6 +60,10 @@ class StatePool:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
+    @property
+    def in_use(self) -> int:
+        return len(self.chunks) * self.CHUNK - len(self.free)
+
 
 @dataclass(slots=True)
 class Session:

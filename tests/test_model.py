@@ -141,5 +141,7 @@ def test_state_pool_slots_are_independent_and_reused():
         pool.write(slot, state)
     for slot, state in states.items():
         assert all(torch.equal(a, b) for a, b in zip(pool.read(slot), state))
+    assert pool.in_use == len(slots)
     pool.release(slots[-1])
+    assert pool.in_use == len(slots) - 1
     assert pool.alloc() == slots[-1]
