@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
+import time
 from collections import deque
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class SamplingParams:
 
 
 LOOKAHEAD = 2  # characters computed ahead of delivery, per stream
+STRAGGLER_WAIT_S = 0.001  # how long a step waits for streams whose client is a little behind
 SMALL_BATCH = 8  # batches up to this size step with `small_batch_threads`
 
 
@@ -68,6 +70,8 @@ class Stream:
         self.finish_reason: str | None = None  # length | stop | cancelled | shutdown | error
         self.error: str | None = None
         self.decoder: Decoder | None = None
+        self.ahead = 0  # computed and not yet taken (guarded by the decoder's condition)
+        self.computed: tuple[Row, int] = (self.state, next_input)  # newest computed (decode thread only)
         self._waiter: asyncio.Future | None = None
         self._tail = ""  # the last characters, for stop strings
         self._tail_len = max((len(s) for s in params.stop), default=0)
@@ -82,14 +86,9 @@ class Stream:
 
     @property
     def ready(self) -> bool:
-        """Whether the next step may include this stream."""
-        ahead = len(self.pending)
-        return self.finish_reason is None and ahead < LOOKAHEAD and len(self.text) + ahead < self.params.max_chars
-
-    @property
-    def latest(self) -> tuple[Row, int]:
-        """The state and input the next step continues from (the newest computed character)."""
-        return self.pending[-1] if self.pending else (self.state, self.next_input)
+        """Whether the next step may include this stream (read under the decoder's condition)."""
+        return (self.finish_reason is None and self.ahead < LOOKAHEAD
+                and len(self.text) + self.ahead < self.params.max_chars)
 
     def offer(self, state: Row, char_id: int) -> None:
         self.pending.append((state, char_id))
@@ -111,6 +110,8 @@ class Stream:
             return None
         state, char_id = self.pending.popleft()
         self.state, self.next_input = state, char_id  # committed: this character is being delivered
+        if self.decoder is not None:
+            self.decoder.taken(self)
         char = self.chars[char_id]
         self.text.append(char)
         if self._tail_len:
@@ -119,78 +120,90 @@ class Stream:
             self.finish_reason = "length"
         elif self._tail_len and any(self._tail.endswith(s) for s in self.params.stop):
             self.finish_reason = "stop"
-        elif self.decoder is not None:
-            self.decoder.wake()
         return char
 
 
 class Decoder:
-    """The decode loop of one loaded model. Only this task calls the model's stepper."""
+    """The decode loop of one loaded model, in a thread of its own: only it calls the model's stepper.
 
-    def __init__(self, lm: LoadedModel, executor: Executor, metrics: Metrics, batching: bool = True,
+    The thread steps again as soon as streams are ready, without a round trip through the event loop, and
+    hands each step's characters to the event loop with one `call_soon_threadsafe`.
+    """
+
+    def __init__(self, lm: LoadedModel, metrics: Metrics, batching: bool = True,
                  threads: int = 1, small_batch_threads: int = 2):
         self.lm = lm
         self.threads, self.small_batch_threads = threads, small_batch_threads
-        self.executor = executor
         self.metrics = metrics
         self.batching = batching
-        self.streams: list[Stream] = []
+        self.streams: list[Stream] = []  # guarded by _cond
         self.closing = False
-        self._prime_queue: list[tuple[list[int], State | None, asyncio.Future]] = []
-        self._priming = False
-        self._wake = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"decoder-{lm.name}")
+        self._prime_queue: list[tuple[list[int], State | None, asyncio.Future]] = []  # guarded by _cond
+        self._cond = threading.Condition()
+        self._loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._run, name=f"decoder-{lm.name}", daemon=True)
+        self.thread.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        with self._cond:
+            self._cond.notify()
+
+    def taken(self, stream: Stream) -> None:
+        """The consumer took one character: the stream may be stepped again."""
+        with self._cond:
+            stream.ahead -= 1
+            self._cond.notify()
 
     def add(self, stream: Stream) -> None:
         stream.decoder = self
-        self.streams.append(stream)
-        self.wake()
+        with self._cond:
+            self.streams.append(stream)
+            self._cond.notify()
 
     async def prime(self, ids: list[int], state: State | None) -> State:
-        """The state after reading `ids` from `state`. Primes that arrive while a priming pass runs are read
-        together in the next pass, so a burst of new streams costs one batched pass, not one each."""
-        future = asyncio.get_running_loop().create_future()
-        self._prime_queue.append((ids, state, future))
-        if not self._priming:
-            self._start_priming()
+        """The state after reading `ids` from `state`, computed by the decode thread before its next step.
+        Primes that arrive while the thread is busy are read together in one packed pass."""
+        future = self._loop.create_future()
+        with self._cond:
+            self._prime_queue.append((ids, state, future))
+            self._cond.notify()
         return await future
 
-    def _start_priming(self) -> None:
-        batch, self._prime_queue = self._prime_queue, []
-        self._priming = True
+    def _prime_pending(self, batch: list[tuple[list[int], State | None, asyncio.Future]]) -> None:
+        """In the decode thread: one packed pass for every prime waiting, results handed to the event loop."""
         self.metrics.prime_batch_size.observe(len(batch))
-        done = asyncio.get_running_loop().run_in_executor(
-            self.executor, self.lm.prime_batch, [ids for ids, _, _ in batch], [state for _, state, _ in batch])
+        try:
+            states = self.lm.prime_batch([ids for ids, _, _ in batch], [state for _, state, _ in batch])
+        except Exception as e:
+            log.exception("priming failed for model %s", self.lm.name)
+            states, error = None, e
+        else:
+            error = None
 
-        def deliver(result: asyncio.Future) -> None:
-            self._priming = False
+        def deliver() -> None:
             for i, (_, _, future) in enumerate(batch):
                 if future.done():
                     continue  # the request was cancelled meanwhile
-                if result.exception() is not None:
-                    future.set_exception(result.exception())
+                if error is not None:
+                    future.set_exception(error)
                 else:
-                    future.set_result(result.result()[i])
-            if self._prime_queue:
-                self._start_priming()
+                    future.set_result(states[i])
 
-        done.add_done_callback(deliver)
+        self._loop.call_soon_threadsafe(deliver)
 
     def close(self) -> None:
         """Stop once the running streams are done (the model was replaced or removed)."""
-        self.closing = True
-        self.wake()
+        with self._cond:
+            self.closing = True
+            self._cond.notify()
 
     @torch.inference_mode()
     def _step(self, group: list[Stream]) -> tuple[State, list[int]]:
-        """Runs in the executor: one batched step and one sampled character per stream."""
+        """Runs in the decode thread: one batched step and one sampled character per stream."""
         # Small batches are latency-bound and gain from a second thread; large ones leave a core to the
         # event loop that frames and sends the characters (docs/benchmarks.md).
         torch.set_num_threads(self.small_batch_threads if len(group) <= SMALL_BATCH else self.threads)
-        latest = [s.latest for s in group]
+        latest = [s.computed for s in group]
         ids = torch.tensor([char_id for _, char_id in latest])
         rows = [row for row, _ in latest]
         first = rows[0].batch
@@ -209,37 +222,59 @@ class Decoder:
         ).tolist()
         return new_state, chosen
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self.streams = [s for s in self.streams if not s.finished]
-            ready = [s for s in self.streams if s.ready]
-            if not ready:
-                if self.closing and not self.streams:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if len(ready) < len(self.streams):
-                # Consumers woken by the last step take their characters on the next loop ticks: let them,
-                # so the streams step together instead of in ragged groups.
-                for _ in range(2):
-                    await asyncio.sleep(0)
+    def _next_group(self) -> list[Stream] | None:
+        """Wait for ready streams (None: closed and idle). Gives stragglers a moment so streams step together."""
+        with self._cond:
+            while True:
+                if self._prime_queue:
+                    return []  # primes first: a new stream's first character waits on them
+                self.streams = [s for s in self.streams if not s.finished]
                 ready = [s for s in self.streams if s.ready]
+                if ready and len(ready) < len(self.streams):
+                    # Consumers take their characters a few microseconds apart: wait briefly for the rest.
+                    deadline = time.monotonic() + STRAGGLER_WAIT_S
+                    while len(ready) < len(self.streams) and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(left)
+                        self.streams = [s for s in self.streams if not s.finished]
+                        ready = [s for s in self.streams if s.ready]
+                if ready:
+                    for s in ready:
+                        s.ahead += 1
+                    return ready
+                if self.closing and not self.streams:
+                    return None
+                self._cond.wait()
+
+    def _run(self) -> None:
+        while (ready := self._next_group()) is not None:
+            if not ready:
+                with self._cond:
+                    batch, self._prime_queue = self._prime_queue, []
+                self._prime_pending(batch)
+                continue
             groups = [ready] if self.batching else [[s] for s in ready]
             for group in groups:
                 self.metrics.decode_batch_size.observe(len(group))
                 try:
-                    new_state, chosen = await loop.run_in_executor(self.executor, self._step, group)
+                    new_state, chosen = self._step(group)
                 except Exception as e:  # a failing step ends these streams, not the server
                     log.exception("decode step failed for model %s", self.lm.name)
-                    for s in group:
-                        s.finish("error", f"generation failed: {e}")
+                    self._loop.call_soon_threadsafe(self._fail, group, f"generation failed: {e}")
                     continue
                 for j, (s, char_id) in enumerate(zip(group, chosen)):
-                    if not s.finished:
-                        s.offer(Row(new_state, j), char_id)
-            await asyncio.sleep(0)  # let consumers run before looking for ready streams again
+                    s.computed = (Row(new_state, j), char_id)
+                self._loop.call_soon_threadsafe(self._deliver, group, new_state, chosen)
+
+    @staticmethod
+    def _deliver(group: list[Stream], new_state: State, chosen: list[int]) -> None:
+        for j, (s, char_id) in enumerate(zip(group, chosen)):
+            if not s.finished:
+                s.offer(Row(new_state, j), char_id)
+
+    @staticmethod
+    def _fail(group: list[Stream], message: str) -> None:
+        for s in group:
+            s.finish("error", message)
 
 
 def seeded_generator(seed: int | None) -> random.Random:

@@ -52,7 +52,8 @@ class Service:
         self.metrics = Metrics()
         self.registry = Registry(settings.model_store, settings.decode_precision)
         self.sessions = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, self.metrics)
-        # One thread runs every model call: two cores do not gain from parallel steps, and torch uses both.
+        # Loading checkpoints (rescans) runs here, off the event loop; steps and primes run in each model's
+        # decode thread (app/decoder.py).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.decoders: dict[str, Decoder] = {}  # by model file sha256
         self.pools: dict[str, StatePool] = {}  # session states, by model file sha256
@@ -63,7 +64,7 @@ class Service:
     # --- models ---
 
     async def reload(self) -> ScanResult:
-        """Rescan the model store (in the model thread, so it never overlaps a step)."""
+        """Rescan the model store, off the event loop."""
         result = await asyncio.get_running_loop().run_in_executor(self.executor, self.registry.scan)
         live = {lm.sha256 for lm in self.registry.models.values()}
         for sha, decoder in list(self.decoders.items()):
@@ -85,7 +86,7 @@ class Service:
     def decoder_for(self, lm: LoadedModel) -> Decoder:
         decoder = self.decoders.get(lm.sha256)
         if decoder is None:
-            decoder = Decoder(lm, self.executor, self.metrics, self.settings.batching, self.settings.threads,
+            decoder = Decoder(lm, self.metrics, self.settings.batching, self.settings.threads,
                               self.settings.small_batch_threads)
             self.decoders[lm.sha256] = decoder
         return decoder
