@@ -5,7 +5,8 @@ step off the event loop, samples one character per stream (each with its own par
 offers each stream its character. Streams join and leave between steps.
 
 A stream may run `LOOKAHEAD` characters ahead of its client: while the model computes the next step, the
-event loop sends the characters of the last one, so the two overlap. What the client was sent is tracked
+event loop sends the characters of the last one, so the two overlap. With many streams, a consumer asks
+for two characters at a time, so each write to the socket carries two events. What the client was sent is tracked
 apart from what was computed: the stream's committed state is always the one after its last *delivered*
 character, and characters computed but not delivered when a client leaves are dropped, never stored.
 """
@@ -40,7 +41,8 @@ class SamplingParams:
     stop: list[str]
 
 
-LOOKAHEAD = 2  # characters computed ahead of delivery, per stream
+LOOKAHEAD = 3  # characters computed ahead of delivery, per stream
+COALESCE_ABOVE = 16  # with more streams than this, characters go out two per write
 STRAGGLER_WAIT_S = 0.001  # how long a step waits for streams whose client is a little behind
 SMALL_BATCH = 8  # batches up to this size step with `small_batch_threads`
 
@@ -73,6 +75,7 @@ class Stream:
         self.ahead = 0  # computed and not yet taken (guarded by the decoder's condition)
         self.computed: tuple[Row, int] = (self.state, next_input)  # newest computed (decode thread only)
         self._waiter: asyncio.Future | None = None
+        self._want = 1  # characters the consumer is waiting for
         self._tail = ""  # the last characters, for stop strings
         self._tail_len = max((len(s) for s in params.stop), default=0)
 
@@ -85,6 +88,10 @@ class Stream:
             self._waiter.set_result(None)
 
     @property
+    def remaining(self) -> int:
+        return max(1, self.params.max_chars - len(self.text))
+
+    @property
     def ready(self) -> bool:
         """Whether the next step may include this stream (read under the decoder's condition)."""
         return (self.finish_reason is None and self.ahead < LOOKAHEAD
@@ -92,7 +99,8 @@ class Stream:
 
     def offer(self, state: Row, char_id: int) -> None:
         self.pending.append((state, char_id))
-        self._wake_consumer()
+        if len(self.pending) >= self._want:
+            self._wake_consumer()
 
     def finish(self, reason: str, error: str | None = None) -> None:
         if self.finish_reason is None:
@@ -101,12 +109,17 @@ class Stream:
         if self.decoder is not None:
             self.decoder.wake()
 
-    async def next_char(self) -> str | None:
-        """The next character, or None once the stream has finished (see `finish_reason`)."""
-        while not self.pending and self.finish_reason is None:
+    async def next_char(self, wait_for: int = 1) -> str | None:
+        """The next character, or None once the stream has finished (see `finish_reason`).
+
+        `wait_for` > 1 first waits until that many characters are computed (or the stream cannot get them),
+        so the caller can take them together and send them in one write.
+        """
+        self._want = min(wait_for, self.remaining)
+        while self.finish_reason is None and len(self.pending) < self._want:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        if self.finish_reason is not None:
+        if self.finish_reason is not None or not self.pending:
             return None
         state, char_id = self.pending.popleft()
         self.state, self.next_input = state, char_id  # committed: this character is being delivered
