@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -22,7 +22,7 @@ app = typer.Typer(help="Character-level RNN language models: train, sample, serv
                   add_completion=False, pretty_exceptions_enable=False)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -37,7 +37,6 @@ def _resolve_checkpoint(model: str, model_store: Optional[Path]) -> Path:
         return model_path(model_store or default_model_store(), model)
     except ValueError as e:
         _fail(str(e))
-        raise  # unreachable
 
 
 @app.command()
@@ -136,8 +135,9 @@ def sample(
             _fail("--device cuda was asked for, but no CUDA device is available")
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         net, vocab, _ = load_model(path, device=dev)
-        if prime and not skip_unknown and vocab.unknown(prime):
-            raise UnknownCharactersError(vocab.unknown(prime))
+        missing = [] if skip_unknown else vocab.unknown(prime)
+        if missing:  # refuse before anything is written to stdout
+            raise UnknownCharactersError(missing)
         sys.stdout.write(prime)
         for char in generate(net, vocab, prime, length, temperature, top_k, top_p, seed, skip_unknown):
             sys.stdout.write(char)

@@ -86,6 +86,13 @@ def running(store: Path, env: dict[str, str] | None = None):
         server.stop()
 
 
+def generate(client: httpx.Client, **body) -> dict:
+    """One non-streamed generation that must succeed."""
+    r = client.post("/generate", json={"stream": False, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def stream_events(client: httpx.Client, body: dict | None = None, method: str = "POST", params=None) -> list:
     """All (event, data) pairs of one generation stream."""
     events = []

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from server import Server, stream_events, streamed_text
+from server import Server, generate, stream_events, streamed_text
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,6 @@ def server(model_store):
 def client(server):
     with server.client() as c:
         yield c
-
-
-def generate(client: httpx.Client, **body) -> dict:
-    r = client.post("/generate", json={"stream": False, **body})
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 # --- the contract of a stream ---

@@ -9,16 +9,9 @@ import sys
 import threading
 import time
 
-import httpx
 from httpx_sse import connect_sse
 
-from server import Server, running, stream_events, streamed_text
-
-
-def generate(client: httpx.Client, **body) -> dict:
-    r = client.post("/generate", json={"stream": False, **body})
-    assert r.status_code == 200, r.text
-    return r.json()
+from server import Server, generate, running, stream_events, streamed_text
 
 
 def test_past_the_stream_cap_answers_429_with_retry_after(model_store):

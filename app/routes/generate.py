@@ -12,7 +12,6 @@ from fastapi import APIRouter, Query
 from app.errors import APIError, error_body
 from app.routes.deps import ServiceDep
 from app.schemas import ErrorResponse, GenerateParams, GenerateRequest, GenerateResult
-from app.decoder import COALESCE_ABOVE
 from app.service import Generation, Service
 from app.sse import event_frame, event_response, token_frame
 
@@ -63,8 +62,7 @@ async def _events(service: Service, gen: Generation) -> AsyncIterator[bytes]:
                 frame += token_frame(more, index)  # already computed: taken without waiting
                 index += 1
             yield frame
-            # Many streams: the event loop's time goes to socket writes, so send two characters per write.
-            wait_for = 2 if len(stream.decoder.streams) > COALESCE_ABOVE else 1
+            wait_for = stream.per_write
         # Release the session before `done`, so a client may continue it as soon as it reads `done`.
         await service.finalize(gen)
         if stream.finish_reason in ("length", "stop"):
