@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; an unpinned `torch` may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test bench-train clean
+.PHONY: run test system-deps bench-train clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/charrnn serve --host 127.0.0.1 --port 8000
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed system-deps
 	$(BIN)/python -m pytest -q
+
+# Debian packages the tests need (chromium for the browser tests); installs only what is missing.
+system-deps:
+	tools/system-deps.sh
 
 bench-train: $(BIN)/.installed
 	$(BIN)/python bench/train_speed.py

@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app.errors import install_error_handlers
 from app.middleware import BodyLimit, RequestMetrics
-from app.routes import admin, generate, health, models, sessions
+from app.routes import admin, generate, health, inspect, models, page, sessions
 from app.service import Service
 from app.settings import Settings
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             service.executor.shutdown(wait=False, cancel_futures=True)
+            service.inspector.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="char-rnn service",
@@ -68,8 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = Service(settings)
     app.state.metrics = app.state.service.metrics
     install_error_handlers(app)
-    for router in (generate.router, models.router, sessions.router, health.router, admin.router):
+    for router in (generate.router, inspect.router, models.router, sessions.router, health.router, admin.router,
+                   page.router):
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.service.metrics)
     return app

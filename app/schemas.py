@@ -109,3 +109,38 @@ class Health(BaseModel):
     status: str
     models: int | None = None
     detail: str | None = None
+
+
+class InspectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    text: str = Field(min_length=1, description="Text the model reads from the zero state.")
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="Model name; default: the server's.")
+    layer: int | None = Field(None, ge=0, description="Which layer's units to return; default: the last.")
+    kind: Literal["cell", "hidden"] | None = Field(
+        None, description="cell: the LSTM cell state tanh(c); hidden: the output h. Default: cell for an LSTM.")
+
+
+class Prediction(BaseModel):
+    char: str
+    p: float
+
+
+class UnitSuggestion(BaseModel):
+    unit: int
+    reason: str = Field(description="The text property the unit follows, or 'high variance'.")
+    score: float = Field(description="Correlation with that property (or the unit's variance).")
+
+
+class InspectResult(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    layer: int
+    kind: Literal["cell", "hidden"]
+    units: int = Field(description="Hidden units in the layer.")
+    chars: list[str] = Field(description="The text, one entry per character.")
+    predictions: list[list[Prediction]] = Field(
+        description="Per character: the 5 most likely next characters after reading it, with probabilities.")
+    activations: list[list[float]] = Field(description="Per character: every unit of the layer, in [-1, 1].")
+    suggestions: list[UnitSuggestion] = Field(description="Units worth a look, best first.")

@@ -16,7 +16,8 @@ from app.decoder import Decoder, SamplingParams, Stream, seeded_generator
 from app.errors import APIError, invalid
 from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, ScanResult
-from app.schemas import GenerateRequest, GenerateResult
+from app.schemas import GenerateRequest, GenerateResult, InspectRequest, InspectResult
+from charrnn.activations import interesting_units, trace
 from app.sessions import MemorySessionStore, Session, StatePool, new_session_id
 from app.settings import Settings
 
@@ -46,6 +47,12 @@ class Generation:
         )
 
 
+def unknown_characters(lm: LoadedModel, what: str, text: str, hint: str = "") -> APIError:
+    shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in lm.vocab.unknown(text)[:20])
+    return APIError(422, "unknown_characters",
+                    f"{what} has characters not in the vocabulary of model {lm.name!r}: {shown}{hint}")
+
+
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -55,6 +62,8 @@ class Service:
         # Loading checkpoints (rescans) runs here, off the event loop; steps and primes run in each model's
         # decode thread (app/decoder.py).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # POST /inspect runs one at a time in its own thread; more requests wait their turn.
+        self.inspector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspect")
         self.decoders: dict[str, Decoder] = {}  # by model file sha256
         self.pools: dict[str, StatePool] = {}  # session states, by model file sha256
         self.running = 0  # generations admitted and not yet finalized
@@ -146,13 +155,9 @@ class Service:
                 raise APIError(404, "model_not_found", f"no model named {name!r}; GET /models lists them")
 
         prime = req.prime
-        unknown = lm.vocab.unknown(prime)
-        if unknown:
+        if lm.vocab.unknown(prime):
             if not req.skip_unknown:
-                shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown[:20])
-                raise APIError(422, "unknown_characters",
-                               f"prime has characters not in the vocabulary of model {lm.name!r}: {shown}; "
-                               "send skip_unknown: true to drop them")
+                raise unknown_characters(lm, "prime", prime, "; send skip_unknown: true to drop them")
             prime = "".join(c for c in prime if c in lm.vocab.index)
         prime_ids = [lm.vocab.index[c] for c in prime]
 
@@ -205,6 +210,39 @@ class Service:
         self.metrics.generated_chars.labels(model=gen.lm.name).inc(len(stream.text))
         with anyio.CancelScope(shield=True):
             await self.sessions.save(session)
+
+    # --- inspection ---
+
+    async def inspect(self, req: InspectRequest) -> InspectResult:
+        """Predictions and one layer's activations for every character of a text (the page's inspect view)."""
+        limit = self.settings.max_inspect_chars
+        if len(req.text) > limit:
+            raise invalid(f"text has {len(req.text)} characters; the limit is {limit} (CHARRNN_MAX_INSPECT_CHARS)")
+        name = req.model or self.default_model_name()
+        lm = self.registry.get(name) if name else None
+        if lm is None:
+            raise APIError(404, "model_not_found", f"no model named {name!r}; GET /models lists them")
+        cfg = lm.model.config
+        layer = cfg.layers - 1 if req.layer is None else req.layer
+        if layer >= cfg.layers:
+            raise invalid(f"layer {layer} does not exist: model {lm.name!r} has layers 0..{cfg.layers - 1}")
+        kind = req.kind or ("cell" if cfg.cell == "lstm" else "hidden")
+        if kind == "cell" and cfg.cell != "lstm":
+            raise invalid(f"model {lm.name!r} is a {cfg.cell.upper()}, which has no cell state; use kind 'hidden'")
+        if lm.vocab.unknown(req.text):
+            raise unknown_characters(lm, "text", req.text)
+        ids = [lm.vocab.index[c] for c in req.text]
+
+        def run() -> InspectResult:
+            t = trace(lm.model, ids, layer, kind)
+            chars = lm.vocab.chars
+            predictions = [[{"char": chars[i], "p": round(float(p), 4)} for i, p in zip(row_ids, row_p)]
+                           for row_ids, row_p in zip(t.top_ids.tolist(), t.top_probs.tolist())]
+            return InspectResult(model=lm.name, layer=layer, kind=kind, units=cfg.hidden, chars=list(req.text),
+                                 predictions=predictions, activations=t.activations.round(3).tolist(),
+                                 suggestions=interesting_units(req.text, t.activations))
+
+        return await asyncio.get_running_loop().run_in_executor(self.inspector, run)
 
     def begin_shutdown(self) -> None:
         """Stop admitting generations and end the open ones (each gets a final event)."""

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(8, ge=0)  # entries of `stop`
     max_stop_chars: int = Field(64, ge=1)  # length of one stop string
     max_body_bytes: int = Field(1_000_000, ge=1_000)  # request body size
+    max_inspect_chars: int = Field(2_000, ge=1)  # text of POST /inspect (the answer has a row per character)
 
     # Capacity
     max_streams: int = Field(256, ge=1)  # generations running at once; past it: 429 with Retry-After

@@ -1,0 +1,344 @@
+// The char-rnn page: stream generated text (POST /generate read as server-sent events) and look inside the
+// network (POST /inspect). Plain browser JavaScript, no build step, nothing loaded from elsewhere.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  model: null,        // GET /models/{name} of the chosen model
+  vocab: new Set(),
+  sessionId: null,    // the session of the last generation, for Continue
+  controller: null,   // AbortController of the running generation
+  inspect: null,      // the last POST /inspect answer
+};
+
+// ---- errors ----
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+// The service answers every failure as {"error": {"type", "message"}}; anything else is shown as it came.
+async function errorMessage(response) {
+  const text = await response.text();
+  try {
+    const body = JSON.parse(text);
+    if (body.error) return `${body.error.message} (${response.status} ${body.error.type})`;
+  } catch (e) { /* not JSON */ }
+  return `HTTP ${response.status}: ${text.slice(0, 300)}`;
+}
+
+async function getJSON(url, options) {
+  const response = await fetch(url, options);
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
+// ---- models ----
+
+async function loadModels() {
+  const list = await getJSON("/models");
+  const select = $("model");
+  select.replaceChildren(...list.models.map((m) => new Option(m.name, m.name, false, m.name === list.default)));
+  if (!list.models.length) showError("The server has no models loaded.");
+  else await chooseModel(select.value);
+}
+
+async function chooseModel(name) {
+  const model = await getJSON(`/models/${encodeURIComponent(name)}`);
+  state.model = model;
+  state.vocab = new Set(model.vocabulary);
+  state.sessionId = null;
+  $("continue").disabled = true;
+  $("session").textContent = "–";
+  const loss = model.val_bpc == null ? "" : `, ${model.val_bpc.toFixed(3)} bits/char`;
+  $("model-facts").textContent = `${model.layers}×${model.hidden} ${model.cell.toUpperCase()}, ` +
+    `${model.vocab_size} characters${loss}`;
+  $("layer").replaceChildren(...Array.from({ length: model.layers }, (_, i) =>
+    new Option(String(i), String(i), false, i === model.layers - 1)));
+  $("kind").querySelector("option[value=cell]").disabled = model.cell !== "lstm";
+  if (model.cell !== "lstm") $("kind").value = "hidden";
+  checkPrime();
+}
+
+// Characters the model has never seen cannot be read; flag them before anything is sent.
+function unknownChars(text) {
+  return [...new Set([...text].filter((c) => !state.vocab.has(c)))];
+}
+
+function describeChars(chars) {
+  return chars.slice(0, 20).map((c) =>
+    `'${c}' (U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")})`).join(", ");
+}
+
+function checkPrime() {
+  const unknown = unknownChars($("prime").value);
+  $("prime-check").hidden = unknown.length === 0;
+  $("prime-check").textContent = unknown.length
+    ? `Not in the vocabulary of ${state.model.name}: ${describeChars(unknown)}` : "";
+  return unknown;
+}
+
+// ---- server-sent events over fetch (EventSource cannot POST) ----
+
+async function* readEvents(response, signal) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    while (true) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      const blocks = buffer.split(/\r\n\r\n|\n\n|\r\r/);
+      buffer = blocks.pop();
+      for (const block of blocks) {
+        let event = "message";
+        const data = [];
+        for (const line of block.split(/\r\n|\n|\r/)) {
+          if (line.startsWith(":")) continue;  // keep-alive comment
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          let value = colon < 0 ? "" : line.slice(colon + 1);
+          if (value.startsWith(" ")) value = value.slice(1);
+          if (field === "event") event = value;
+          else if (field === "data") data.push(value);
+        }
+        if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+      }
+      if (signal.aborted) break;
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+// ---- generate ----
+
+function setRunning(running) {
+  $("generate").disabled = running;
+  $("continue").disabled = running || !state.sessionId;
+  $("stop").disabled = !running;
+  $("model").disabled = running;
+}
+
+function positiveInt(id) {
+  const value = $(id).value.trim();
+  return value === "" ? null : Number(value);
+}
+
+async function generate(continuing) {
+  clearError();
+  const prime = continuing ? "" : $("prime").value;
+  const unknown = unknownChars(prime);
+  if (unknown.length) {
+    showError(`The prime has characters that model ${state.model.name} does not know: ${describeChars(unknown)}. ` +
+      "Remove them or choose another model.");
+    return;
+  }
+  const body = {
+    model: state.model.name,
+    prime,
+    temperature: Number($("temperature").value),
+    max_chars: positiveInt("length") ?? 500,
+    stream: true,
+  };
+  const seed = positiveInt("seed");
+  const topK = positiveInt("top-k");
+  if (seed !== null) body.seed = seed;
+  if (topK !== null) body.top_k = topK;
+  if (continuing) body.session_id = state.sessionId;
+
+  const output = $("output");
+  if (!continuing) {
+    output.replaceChildren();
+    const shown = document.createElement("span");
+    shown.className = "prime";
+    shown.textContent = prime;
+    output.append(shown);
+  }
+  const text = document.createTextNode("");
+  output.append(text);
+
+  const controller = new AbortController();
+  state.controller = controller;
+  setRunning(true);
+  $("status").textContent = "starting";
+  $("ttfc").textContent = "–";
+  $("rate").textContent = "–";
+  $("count").textContent = "0";
+  const sent = performance.now();
+  let first = null;
+  let count = 0;
+  const figures = setInterval(() => {
+    $("count").textContent = String(count);
+    if (first !== null && count > 1) {
+      $("rate").textContent = `${((count - 1) / ((performance.now() - first) / 1000)).toFixed(0)} chars/s`;
+    }
+  }, 200);
+  try {
+    const response = await fetch("/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify(body),
+      signal: controller.signal,
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    $("status").textContent = "streaming";
+    for await (const { event, data } of readEvents(response, controller.signal)) {
+      if (event === "token") {
+        if (first === null) {
+          first = performance.now();
+          $("ttfc").textContent = `${(first - sent).toFixed(0)} ms`;
+        }
+        text.appendData(data.char);
+        count += 1;
+      } else if (event === "start") {
+        state.sessionId = data.session_id;
+        $("session").textContent = data.session_id;
+      } else if (event === "done") {
+        $("status").textContent = `done (${data.finish_reason}, ${data.generated_chars} characters)`;
+      } else if (event === "error") {
+        throw new Error(`${data.error.message} (${data.error.type})`);
+      }
+    }
+  } catch (e) {
+    if (controller.signal.aborted) $("status").textContent = "stopped";
+    else {
+      $("status").textContent = "failed";
+      showError(e.message || String(e));
+    }
+  } finally {
+    clearInterval(figures);
+    $("count").textContent = String(count);
+    state.controller = null;
+    setRunning(false);
+  }
+}
+
+function stop() {
+  if (state.controller) state.controller.abort();  // the server sees the disconnect and frees the stream
+}
+
+// ---- inspect ----
+
+function heat(value) {
+  const a = Math.min(1, Math.abs(value)).toFixed(3);
+  return value >= 0 ? `rgba(220, 40, 40, ${a})` : `rgba(40, 90, 220, ${a})`;
+}
+
+async function inspect() {
+  clearError();
+  const text = $("inspect-text").value;
+  const unknown = unknownChars(text);
+  if (unknown.length) {
+    showError(`The text has characters that model ${state.model.name} does not know: ${describeChars(unknown)}.`);
+    return;
+  }
+  $("inspect").disabled = true;
+  try {
+    state.inspect = await getJSON("/inspect", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: state.model.name, text, layer: Number($("layer").value), kind: $("kind").value }),
+    });
+  } catch (e) {
+    showError(e.message);
+    return;
+  } finally {
+    $("inspect").disabled = false;
+  }
+  renderInspect();
+}
+
+function renderInspect() {
+  const result = state.inspect;
+  const heatmap = $("heatmap");
+  heatmap.replaceChildren();
+  result.chars.forEach((c, i) => {
+    const span = document.createElement("span");
+    span.dataset.index = String(i);
+    if (c === "\n") {
+      span.textContent = "↵\n";
+      span.className = "nl";
+    } else span.textContent = c;
+    heatmap.append(span);
+  });
+  $("unit").max = String(result.units - 1);
+  $("suggestions").replaceChildren(...result.suggestions.map((s) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    const score = s.reason === "high variance" ? `variance ${s.score}` : `r = ${s.score}`;
+    button.textContent = `unit ${s.unit}: ${s.reason} (${score})`;
+    button.addEventListener("click", () => showUnit(s.unit));
+    return button;
+  }));
+  $("inspect-result").hidden = false;
+  $("inspect-result").dataset.shown = `${result.layer}:${result.kind}`;  // which layer the heat map is of
+  showUnit(result.suggestions.length ? result.suggestions[0].unit : 0);
+}
+
+function showUnit(unit) {
+  const result = state.inspect;
+  if (!result) return;
+  unit = Math.max(0, Math.min(result.units - 1, unit));
+  $("unit").value = String(unit);
+  const spans = $("heatmap").children;
+  for (let i = 0; i < spans.length; i++) spans[i].style.backgroundColor = heat(result.activations[i][unit]);
+}
+
+function showPredictions(event) {
+  const span = event.target.closest("span[data-index]");
+  if (!span || !state.inspect) return;
+  for (const old of $("heatmap").querySelectorAll(".hover")) old.classList.remove("hover");
+  span.classList.add("hover");
+  const i = Number(span.dataset.index);
+  const unit = Number($("unit").value);
+  const shown = (c) => JSON.stringify(c);
+  const panel = $("predictions");
+  panel.replaceChildren(`after ${shown(state.inspect.chars[i])} (unit ${unit}: ` +
+    `${state.inspect.activations[i][unit].toFixed(3)}) the model expects: `);
+  for (const p of state.inspect.predictions[i]) {
+    const item = document.createElement("span");
+    item.className = "prediction";
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${Math.round(p.p * 60)}px`;
+    item.append(` ${shown(p.char)} ${p.p.toFixed(3)} `, bar);
+    panel.append(item);
+  }
+}
+
+// ---- wiring ----
+
+function showView(view) {
+  for (const tab of document.querySelectorAll(".tab")) tab.classList.toggle("active", tab.dataset.view === view);
+  $("view-generate").hidden = view !== "generate";
+  $("view-inspect").hidden = view !== "inspect";
+}
+
+function wire() {
+  for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => showView(tab.dataset.view));
+  $("model").addEventListener("change", (e) => chooseModel(e.target.value).catch((err) => showError(err.message)));
+  $("prime").addEventListener("input", checkPrime);
+  $("temperature").addEventListener("input", (e) => {
+    $("temperature-value").textContent = Number(e.target.value) === 0 ? "0 (argmax)" : e.target.value;
+  });
+  $("generate").addEventListener("click", () => generate(false));
+  $("continue").addEventListener("click", () => generate(true));
+  $("stop").addEventListener("click", stop);
+  $("inspect").addEventListener("click", inspect);
+  $("unit").addEventListener("change", (e) => showUnit(Number(e.target.value)));
+  $("unit-prev").addEventListener("click", () => showUnit(Number($("unit").value) - 1));
+  $("unit-next").addEventListener("click", () => showUnit(Number($("unit").value) + 1));
+  $("heatmap").addEventListener("mouseover", showPredictions);
+}
+
+wire();
+loadModels().then(() => document.body.dataset.ready = "true").catch((e) => showError(`Could not load models: ${e.message}`));

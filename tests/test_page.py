@@ -1,0 +1,147 @@
+"""The browser page in a real headless Chromium (Debian's, driven by Playwright) against a real server."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from server import Server
+
+CHROMIUM = os.environ.get("CHARRNN_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def server(model_store):
+    srv = Server(model_store).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium (see .ci/run)"
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+                                                       args=FLAGS, viewport={"width": 1000, "height": 800})
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(browser, server) -> Page:
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    yield page
+    page.close()
+
+
+def output_text(page: Page) -> str:
+    return page.locator("#output").inner_text()
+
+
+def test_page_lists_models_and_shows_facts(page):
+    assert page.locator("#model option").all_inner_texts() == ["lines", "tiny"]
+    expect(page.locator("#model")).to_have_value("tiny")
+    expect(page.locator("#model-facts")).to_contain_text("2×32 LSTM")
+    expect(page.locator("#error")).to_be_hidden()
+
+
+def test_generate_streams_characters_into_the_output(page, server, tmp_path):
+    page.fill("#prime", "ROMEO:")
+    page.fill("#length", "300")
+    page.fill("#seed", "4")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("done (length, 300 characters)", timeout=20_000)
+    assert len(output_text(page)) == len("ROMEO:") + 300
+    assert output_text(page).startswith("ROMEO:")
+    expect(page.locator("#ttfc")).to_contain_text("ms")
+    expect(page.locator("#rate")).to_contain_text("chars/s")
+    expect(page.locator("#count")).to_have_text("300")
+    # the page shows exactly what the API gives for the same request
+    with server.client() as c:
+        same = c.post("/generate", json={"prime": "ROMEO:", "max_chars": 300, "seed": 4, "temperature": 0.8,
+                                         "stream": False}).json()
+    assert output_text(page) == "ROMEO:" + same["text"]
+    page.screenshot(path=tmp_path / "generate.png")
+
+
+def test_stop_ends_the_stream_and_the_server_frees_it(page, server):
+    page.fill("#length", "5000")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('count').textContent > 20")
+    assert server.metric("charrnn_streams_running", 'model="tiny"') == 1
+    page.click("#stop")
+    expect(page.locator("#status")).to_have_text("stopped")
+    deadline = time.monotonic() + 10
+    while server.metric("charrnn_streams_running", 'model="tiny"') != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("charrnn_streams_running", 'model="tiny"') == 0
+    length = len(output_text(page))
+    time.sleep(0.5)
+    assert len(output_text(page)) == length < len("ROMEO:\n") + 5000  # nothing arrives after Stop
+    expect(page.locator("#continue")).to_be_enabled()
+
+
+def test_continue_appends_to_the_same_session(page, server):
+    page.fill("#prime", "MENENIUS:")
+    page.fill("#length", "60")
+    page.fill("#seed", "9")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("done")
+    first = output_text(page)
+    session = page.locator("#session").inner_text()
+    page.click("#continue")
+    expect(page.locator("#status")).to_contain_text("done (length, 60 characters)")
+    assert output_text(page).startswith(first) and len(output_text(page)) == len(first) + 60
+    assert page.locator("#session").inner_text() == session
+    with server.client() as c:
+        assert c.get(f"/sessions/{session}").json()["generated_chars"] == 120
+
+
+def test_unknown_prime_characters_are_flagged_and_not_sent(page, server):
+    requests = []
+    page.on("request", lambda r: requests.append(r.url) if r.url.endswith("/generate") else None)
+    page.fill("#prime", "snow \u2603 man")
+    expect(page.locator("#prime-check")).to_be_visible()
+    expect(page.locator("#prime-check")).to_contain_text("U+2603")
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("does not know")
+    assert requests == []
+    page.fill("#prime", "snow man")
+    expect(page.locator("#prime-check")).to_be_hidden()
+
+
+def test_server_errors_are_shown_readably(page):
+    page.fill("#length", "999999")  # above CHARRNN_MAX_CHARS
+    page.click("#generate")
+    expect(page.locator("#error")).to_contain_text("CHARRNN_MAX_CHARS")
+    expect(page.locator("#error")).to_contain_text("422 invalid_request")
+    expect(page.locator("#generate")).to_be_enabled()
+
+
+def test_inspect_renders_a_heat_map_with_predictions(page, tmp_path):
+    page.click("#tab-inspect")
+    text = "First Citizen:\nSpeak, speak.\n"
+    page.fill("#inspect-text", text)
+    page.select_option("#layer", "0")
+    page.click("#inspect")
+    spans = page.locator("#heatmap span")
+    expect(spans).to_have_count(len(text))
+    colours = set(spans.evaluate_all("els => els.map(e => e.style.backgroundColor)"))
+    assert len(colours) > 5 and all(c.startswith("rgba(") for c in colours)
+    expect(page.locator("#suggestions button").first).to_contain_text("unit")
+    before = spans.evaluate_all("els => els.map(e => e.style.backgroundColor)")
+    page.click("#unit-next")
+    assert spans.evaluate_all("els => els.map(e => e.style.backgroundColor)") != before
+    spans.nth(3).hover()
+    expect(page.locator("#predictions .prediction")).to_have_count(5)
+    expect(page.locator("#predictions")).to_contain_text('after "s"')
+    page.screenshot(path=tmp_path / "inspect.png")
