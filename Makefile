@@ -22,7 +22,7 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed system-deps
 	$(BIN)/python -m pytest -q
 
-# Debian packages the tests need (chromium for the browser tests); installs only what is missing.
+# Debian packages the tests need (chromium, redis-server, nginx, docker-compose); installs only what is missing.
 system-deps:
 	tools/system-deps.sh
 

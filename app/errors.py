@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.sessions import SessionStoreUnavailable
+
 log = logging.getLogger("charrnn")
 
 
@@ -43,6 +45,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if metrics is not None and exc.status in (409, 429, 503):
             metrics.rejected.labels(reason=exc.type).inc()
         return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(SessionStoreUnavailable)
+    async def store_unavailable(request: Request, exc: SessionStoreUnavailable) -> JSONResponse:
+        return await api_error(request, APIError(
+            503, "session_store_unavailable",
+            f"{exc}; sessions cannot be continued or looked up until it is back "
+            "(new generations without session_id still work)", headers={"Retry-After": "5"}))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

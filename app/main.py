@@ -27,6 +27,22 @@ async def _expire_sessions(service: Service) -> None:
         await service.sessions.expire()
 
 
+async def _renew_session_locks(service: Service) -> None:
+    while True:
+        await asyncio.sleep(service.settings.session_lock_ttl_s / 3)
+        await service.sessions.renew_locks()
+
+
+async def _poll_model_store(service: Service) -> None:
+    """Pick up new, changed and removed checkpoints without a restart (CHARRNN_RELOAD_INTERVAL_S)."""
+    while True:
+        await asyncio.sleep(service.settings.reload_interval_s)
+        result = await service.reload()
+        if result.added or result.changed or result.removed:
+            log.info("model store changed: added %s, changed %s, removed %s",
+                     result.added, result.changed, result.removed)
+
+
 async def _watch_for_shutdown(service: Service) -> None:
     """uvicorn's SIGTERM handler (as patched by sse-starlette) sets AppStatus.should_exit; end streams then."""
     from sse_starlette.sse import AppStatus
@@ -49,7 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for name, why in result.errors.items():
             log.warning("model store: skipped %s: %s", name, why)
         log.info("loaded models: %s", ", ".join(sorted(service.registry.models)) or "none")
-        tasks = [asyncio.create_task(_expire_sessions(service)), asyncio.create_task(_watch_for_shutdown(service))]
+        tasks = [asyncio.create_task(job(service)) for job in (_expire_sessions, _watch_for_shutdown,
+                                                                _renew_session_locks)]
+        if settings.reload_interval_s > 0:
+            tasks.append(asyncio.create_task(_poll_model_store(service)))
         try:
             yield
         finally:
@@ -60,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await task
             service.executor.shutdown(wait=False, cancel_futures=True)
             service.inspector.shutdown(wait=False, cancel_futures=True)
+            await service.sessions.close()
 
     app = FastAPI(
         title="char-rnn service",

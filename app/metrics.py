@@ -28,4 +28,6 @@ class Metrics:
         self.sessions_active = Gauge("charrnn_sessions_active", "Sessions held", registry=r)
         self.sessions_evicted = Counter("charrnn_sessions_evicted", "Sessions dropped (LRU or TTL)", ["why"],
                                         registry=r)
+        self.session_store_errors = Counter("charrnn_session_store_errors", "Session store (Redis) calls that failed",
+                                            ["op"], registry=r)
         self.models_loaded = Gauge("charrnn_models_loaded", "Models in the registry", registry=r)

@@ -32,6 +32,7 @@ class LoadedModel:
     stepper: Stepper
     vocab: Vocab
     info: CheckpointInfo
+    stamp: tuple[int, int, int] = (0, 0, 0)  # inode, size, mtime of the file when it was hashed
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -131,13 +132,19 @@ class Registry:
                 result.removed.append(name)
         for name, path in found.items():
             try:
-                sha = file_sha256(path)
                 current = self.models.get(name)
+                st = path.stat()
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # atomic writes give a new inode
+                if current is not None and current.stamp == stamp:
+                    result.unchanged.append(name)  # not even read: polling the store stays cheap
+                    continue
+                sha = file_sha256(path)
                 if current is not None and current.sha256 == sha:
+                    current.stamp = stamp
                     result.unchanged.append(name)
                     continue
                 model, vocab, info = load_model(path)
-                loaded = LoadedModel(name, path, sha, model, Stepper(model, self.precision), vocab, info)
+                loaded = LoadedModel(name, path, sha, model, Stepper(model, self.precision), vocab, info, stamp)
                 loaded.warm_up()
             except (CheckpointError, OSError, RuntimeError, ValueError) as e:
                 result.errors[path.name] = str(e)

@@ -18,7 +18,7 @@ from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, ScanResult
 from app.schemas import GenerateRequest, GenerateResult, InspectRequest, InspectResult
 from charrnn.activations import interesting_units, trace
-from app.sessions import MemorySessionStore, Session, StatePool, new_session_id
+from app.sessions import MemorySessionStore, Session, SessionGone, StatePool, new_session_id
 from app.settings import Settings
 
 log = logging.getLogger("charrnn")
@@ -47,6 +47,14 @@ class Generation:
         )
 
 
+def make_session_store(settings: Settings, metrics: Metrics):
+    if settings.session_store == "memory":
+        return MemorySessionStore(settings.max_sessions, settings.session_ttl_s, metrics)
+    from app.redis_store import RedisSessionStore
+
+    return RedisSessionStore(settings.session_store, settings.session_ttl_s, settings.session_lock_ttl_s, metrics)
+
+
 def unknown_characters(lm: LoadedModel, what: str, text: str, hint: str = "") -> APIError:
     shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in lm.vocab.unknown(text)[:20])
     return APIError(422, "unknown_characters",
@@ -58,7 +66,7 @@ class Service:
         self.settings = settings
         self.metrics = Metrics()
         self.registry = Registry(settings.model_store, settings.decode_precision)
-        self.sessions = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, self.metrics)
+        self.sessions = make_session_store(settings, self.metrics)
         # Loading checkpoints (rescans) runs here, off the event loop; steps and primes run in each model's
         # decode thread (app/decoder.py).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -165,8 +173,11 @@ class Service:
             raise APIError(429, "overloaded",
                            f"{self.running} generations are running, the limit (CHARRNN_MAX_STREAMS) is "
                            f"{self.settings.max_streams}; retry shortly", headers={"Retry-After": "1"})
-        if session is not None and not await self.sessions.acquire(session):
-            raise APIError(409, "session_busy", f"session {session.id} is already generating; one at a time")
+        try:
+            if session is not None and not await self.sessions.acquire(session):
+                raise APIError(409, "session_busy", f"session {session.id} is already generating; one at a time")
+        except SessionGone:
+            raise APIError(404, "session_not_found", f"session {req.session_id!r} was deleted or expired") from None
 
         self.running += 1
         try:
@@ -177,7 +188,7 @@ class Service:
             state = await self.decoder_for(lm).prime(ids[:-1], base)
             if session is None:
                 pool = self.pools.get(lm.sha256)
-                if pool is None:
+                if pool is None and self.sessions.keeps_states:
                     pool = self.pools[lm.sha256] = StatePool(state)
                 session = Session.create(new_session_id(), lm.name, lm.sha256, pool, state, ids[-1])
                 await self.sessions.add(session)

@@ -65,12 +65,23 @@ class StatePool:
         return len(self.chunks) * self.CHUNK - len(self.free)
 
 
+class SessionStoreUnavailable(Exception):
+    """The shared session store (Redis) cannot be reached."""
+
+
+class SessionGone(Exception):
+    """The session was deleted or expired between looking it up and locking it."""
+
+
 @dataclass(slots=True)
 class Session:
+    """A session's facts and state. The state lives in a slot of a `StatePool` (sessions kept in this
+    process), or in `loose` tensors of its own (sessions kept in Redis: only while generating here)."""
+
     id: str
     model: str
     model_sha256: str  # the model file this state belongs to
-    pool: StatePool
+    pool: StatePool | None
     slot: int
     next_input: int
     created: float = field(default_factory=time.time)
@@ -78,30 +89,39 @@ class Session:
     generated_chars: int = 0
     busy: bool = False
     released: bool = False
+    loose: State | None = None
 
     @classmethod
-    def create(cls, id: str, model: str, model_sha256: str, pool: StatePool, state: State, next_input: int) -> Session:
-        session = cls(id, model, model_sha256, pool, pool.alloc(), next_input)
+    def create(cls, id: str, model: str, model_sha256: str, pool: StatePool | None, state: State,
+               next_input: int) -> Session:
+        session = cls(id, model, model_sha256, pool, pool.alloc() if pool else -1, next_input)
         session.state = state
         return session
 
     @property
     def state(self) -> State:
-        return self.pool.read(self.slot)
+        return self.loose if self.pool is None else self.pool.read(self.slot)
 
     @state.setter
     def state(self, value: State) -> None:
-        self.pool.write(self.slot, value)
+        if self.pool is None:
+            self.loose = value
+        else:
+            self.pool.write(self.slot, value)
 
     def release(self) -> None:
         """Give the slot back (the session is gone)."""
         if not self.released:
             self.released = True
-            self.pool.release(self.slot)
+            if self.pool is not None:
+                self.pool.release(self.slot)
+            self.loose = None
 
 
 class MemorySessionStore:
-    """Sessions in this process (the default). Async methods, so a shared backend can take its place."""
+    """Sessions in this process (the default). `RedisSessionStore` (app/redis_store.py) has the same methods."""
+
+    keeps_states = True  # sessions' states stay here, in per-model slot pools
 
     def __init__(self, max_sessions: int, ttl_s: float, metrics: Metrics):
         self.max_sessions = max_sessions
@@ -123,7 +143,7 @@ class MemorySessionStore:
         return session
 
     async def acquire(self, session: Session) -> bool:
-        """Mark the session busy; False if a generation already holds it."""
+        """Mark the session busy; False if a generation already holds it. The state is then current."""
         if session.busy:
             return False
         session.busy = True
@@ -151,6 +171,15 @@ class MemorySessionStore:
             session.release()
         self.metrics.sessions_active.set(len(self._sessions))
         return session is not None
+
+    async def ping(self) -> None:
+        """Raises SessionStoreUnavailable if the store cannot be reached (never, in memory)."""
+
+    async def renew_locks(self) -> None:
+        pass  # a session's busy flag lives with it in this process: nothing to expire
+
+    async def close(self) -> None:
+        pass
 
     async def expire(self) -> int:
         """Drop every idle session past its TTL; returns how many."""

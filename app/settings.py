@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARRNN_", protected_namespaces=())
 
     model_store: Path = Path("model_store")  # folder of <name>.safetensors checkpoints
+    reload_interval_s: float = Field(0.0, ge=0)  # rescan the model store this often (0: only POST /admin/reload)
     default_model: str = "shakespeare"  # used when a request names no model (else the only/first loaded one)
 
     # Request limits
@@ -31,6 +32,9 @@ class Settings(BaseSettings):
     max_streams: int = Field(256, ge=1)  # generations running at once; past it: 429 with Retry-After
     max_sessions: int = Field(10_000, ge=1)  # sessions kept; the least recently used is evicted past it
     session_ttl_s: float = Field(3600.0, gt=0)  # idle sessions expire after this many seconds
+    # Where sessions live: "memory" (this process) or a Redis URL (redis://host:6379/0) shared by replicas.
+    session_store: str = Field("memory", pattern=r"^(memory|rediss?://.+)$")
+    session_lock_ttl_s: float = Field(30.0, gt=0)  # Redis: a generation's lock lapses this long after a crash
 
     # Decoding
     batching: bool = True  # off: every stream steps its own model call (the naive baseline)

@@ -107,3 +107,36 @@ def stream_events(client: httpx.Client, body: dict | None = None, method: str = 
 
 def streamed_text(events: list) -> str:
     return "".join(data["char"] for event, data, _ in events if event == "token")
+
+
+class RedisServer:
+    """A real `redis-server` on a free 127.0.0.1 port, saving to its own folder (so a restart keeps data)."""
+
+    def __init__(self, folder: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.folder = folder
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder),
+             "--save", "3600 1", "--appendonly", "no", "--protected-mode", "yes", "--logfile", "redis.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        """SIGTERM: redis saves its data to disk and exits."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)

@@ -1,4 +1,4 @@
-"""GET /healthz (alive), GET /readyz (models loaded and warm), GET /metrics (Prometheus)."""
+"""GET /healthz (alive), GET /readyz (models loaded and warm; session store reachable), GET /metrics."""
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
@@ -6,6 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.routes.deps import ServiceDep
 from app.schemas import Health
+from app.sessions import SessionStoreUnavailable
 
 router = APIRouter(tags=["health"])
 
@@ -22,6 +23,13 @@ async def readyz(service: ServiceDep):
     if not service.ready:
         detail = f"no model loaded from {service.settings.model_store} yet"
         return JSONResponse(Health(status="unavailable", models=0, detail=detail).model_dump(), status_code=503)
+    try:
+        await service.sessions.ping()
+    except SessionStoreUnavailable as e:
+        # Still 200: new generations work without the store, and every replica shares it, so taking this
+        # one out of a load balancer would not help. The status says what does not work.
+        return Health(status="degraded", models=len(service.registry.models),
+                      detail=f"{e}; continuing sessions answers 503 until it is back")
     return Health(status="ready", models=len(service.registry.models))
 
 
