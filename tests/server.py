@@ -27,11 +27,12 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, store: Path, env: dict[str, str] | None = None, command: list[str] | None = None,
-                 log: Path | None = None):
-        self.port = free_port()
+                 log: Path | None = None, port: int | None = None, test_defaults: bool = True):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": "tiny",
-                    "CHARRNN_THREADS": "1", **(env or {})}
+        defaults = {"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": "tiny", "CHARRNN_THREADS": "1"}
+        inherited = {k: v for k, v in os.environ.items() if test_defaults or not k.startswith("CHARRNN_")}
+        self.env = {**inherited, **(defaults if test_defaults else {}), **(env or {})}
         self.command = command or [sys.executable, "-m", "charrnn", "serve", "--host", "127.0.0.1",
                                    "--port", str(self.port), "--log-level", "warning"]
         self.log_path = log or store.parent / f"server-{self.port}.log"

@@ -159,3 +159,21 @@ def test_batching_off_gives_the_same_seeded_text(model_store):
         batched = generate(c, **body)["text"]
     with running(model_store, {"CHARRNN_BATCHING": "off"}) as server, server.client() as c:
         assert generate(c, **body)["text"] == batched
+
+
+def test_the_model_store_is_polled_when_an_interval_is_set(model_store, tmp_path):
+    store = tmp_path / "polled"
+    store.mkdir()
+    shutil.copy(model_store / "tiny.safetensors", store / "tiny.safetensors")
+    with running(store, env={"CHARRNN_RELOAD_INTERVAL_S": "0.3"}) as server, server.client() as c:
+        shutil.copy(model_store / "lines.safetensors", store / ".lines.tmp")
+        (store / ".lines.tmp").rename(store / "lines.safetensors")  # as the trainer writes: atomically
+        deadline = time.monotonic() + 10
+        while "lines" not in [m["name"] for m in c.get("/models").json()["models"]] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert generate(c, model="lines", prime="first", max_chars=5)["model"] == "lines"
+        (store / "lines.safetensors").unlink()
+        deadline = time.monotonic() + 10
+        while c.get("/models/lines").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get("/models/lines").status_code == 404
