@@ -1,0 +1,44 @@
+"""The measurements behind docs/experiments.md: baseline entropy and the bracket checks."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+from run import ORDER, bracket_check, environment_check, recipe, train_command, unigram_entropy  # noqa: E402
+
+
+def test_unigram_entropy():
+    assert unigram_entropy("aaaa") == 0
+    assert unigram_entropy("abab") == pytest.approx(math.log(2))
+    assert unigram_entropy("abcd") == pytest.approx(math.log(4))
+
+
+def test_brackets_in_c_skip_strings_comments_and_char_literals():
+    code = 'if (a[i] == \')\') { printf("(%d", x); /* ( */ } // {\n'
+    assert bracket_check(code, code=True) == {"matched": 4, "mismatched": 0, "open_at_end": 0}
+    assert bracket_check("f(x]; }", code=True) == {"matched": 0, "mismatched": 2, "open_at_end": 1}
+
+
+def test_brackets_in_latex_ignore_escaped_braces():
+    tex = r"\frac{a}{b} \{ x \} $f(x)$ {"
+    assert bracket_check(tex, code=False) == {"matched": 3, "mismatched": 0, "open_at_end": 1}
+
+
+def test_environments_match_the_innermost_begin():
+    tex = r"\begin{proof} \begin{enumerate} \item x \end{enumerate} \end{proof} \end{lemma} \begin{equation}"
+    assert environment_check(tex) == {"matched": 2, "mismatched": 1, "open_at_end": 1}
+
+
+def test_every_recipe_makes_a_train_command():
+    for corpus in ORDER:
+        argv = train_command(corpus, Path("corpora"), gpu=False)
+        r = recipe(corpus)
+        assert argv[argv.index("--data") + 1] == str(Path("corpora") / r["data"])
+        assert float(argv[argv.index("--max-minutes") + 1]) <= 20  # the CPU budget
+        gpu = train_command(corpus, Path("corpora"), gpu=True)
+        assert gpu[gpu.index("--name") + 1] == r["name"]
