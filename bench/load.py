@@ -123,6 +123,32 @@ async def sweep_point(url: str, streams: int, body: dict, max_seconds: float, pa
     }
 
 
+async def join_point(url: str, running: int, joins: int, body: dict, max_seconds: float) -> dict:
+    """Time to first character of streams that arrive one at a time while `running` others are generating.
+
+    The sweep's TTFC has all N streams arrive at once, so the last one waits for every prime; this is what a
+    client arriving at a busy server sees. Bounded: `joins` short streams, background streams end by deadline.
+    """
+    limits = httpx.Limits(max_connections=running + 8, max_keepalive_connections=running + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(max_seconds + 60), limits=limits) as client:
+        deadline = time.perf_counter() + max_seconds
+        background = [asyncio.create_task(one_stream(client, "/generate", {**body, "max_chars": 5000}, deadline))
+                      for _ in range(running)]
+        await asyncio.sleep(2.0)  # every background stream primed and stepping
+        results = []
+        for _ in range(joins):
+            results.append(await one_stream(client, "/generate", {**body, "max_chars": 20}, deadline))
+            await asyncio.sleep(0.05)
+        still_running = sum(not t.done() for t in background)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+    ttfc = [r.ttfc for r in results if r.ttfc is not None]
+    return {"running": running, "joins": joins, "still_running_at_end": still_running,
+            "ttfc_p50_ms": percentile(ttfc, 50) * 1000, "ttfc_p99_ms": percentile(ttfc, 99) * 1000,
+            "errors": sum(1 for r in results if r.error)}
+
+
 def run_sweep(url: str, counts: list[int], chars: int, prime_chars: int, max_seconds: float,
               server_pid: int | None = None, model: str | None = None, temperature: float = 1.0) -> list[dict]:
     check_loopback(url)
