@@ -78,7 +78,12 @@ def server(store: Path, name: str, **env: str) -> ServerProcess:
 
 
 def measure(checkpoint: Path, args) -> dict:
-    store, name = checkpoint.parent, checkpoint.stem
+    name = checkpoint.stem
+    store = REPO / "runs" / "bench-stores" / name  # this model alone, whatever else model_store/ holds
+    store.mkdir(parents=True, exist_ok=True)
+    link = store / checkpoint.name
+    if not link.exists():
+        link.symlink_to(checkpoint.resolve())
     print(f"== {name}: ceilings", flush=True)
     result = {"name": name, "ceiling": ceilings(checkpoint)}
     print(f"== {name}: batched server", flush=True)
