@@ -10,7 +10,20 @@ import pytest
 import redis
 from httpx_sse import connect_sse
 
+import torch
+
+from app.redis_store import decode_state, encode_state
 from server import RedisServer, Server, generate, stream_events, streamed_text
+
+
+def test_state_bytes_round_trip_exactly():
+    state = (torch.randn(2, 1, 48), torch.randn(2, 1, 48) * 30)
+    data, shape = encode_state(state)
+    assert shape == "2,2,48" and len(data) == 2 * 2 * 48 * 4
+    back = decode_state(data, shape)
+    assert all(torch.equal(a, b) for a, b in zip(state, back))
+    with pytest.raises(ValueError, match="bytes"):
+        decode_state(data[:-4], shape)
 
 
 @pytest.fixture(scope="module")
