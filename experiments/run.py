@@ -60,12 +60,14 @@ PAIRS = {")": "(", "]": "[", "}": "{"}
 
 
 def bracket_check(text: str, code: bool) -> dict:
-    """Closing brackets that match the innermost open one; for C, string/char literals and comments skipped.
+    """Closing brackets against the innermost open one; for C, string/char literals and comments are skipped.
 
-    A sample is cut at an arbitrary point, so brackets still open at its end are counted apart, not as errors.
+    `matched`: closes the innermost open bracket; `mismatched`: another bracket is open (a real nesting
+    error); `unopened`: nothing is open (in a piece cut from a longer text, it was opened before the piece).
+    Brackets still open at the end are counted apart, since a piece can end anywhere.
     """
     stack: list[str] = []
-    matched = mismatched = 0
+    counts = {"matched": 0, "mismatched": 0, "unopened": 0}
     i = 0
     while i < len(text):
         ch = text[i]
@@ -89,32 +91,35 @@ def bracket_check(text: str, code: bool) -> dict:
         if ch in "([{":
             stack.append(ch)
         elif ch in PAIRS:
-            if stack and stack[-1] == PAIRS[ch]:
-                stack.pop()
-                matched += 1
-            else:
-                mismatched += 1
+            _close(stack, PAIRS[ch], counts)
         i += 1
-    return {"matched": matched, "mismatched": mismatched, "open_at_end": len(stack)}
+    return {**counts, "open_at_end": len(stack)}
+
+
+def _close(stack: list[str], opener: str, counts: dict) -> None:
+    if not stack:
+        counts["unopened"] += 1
+    elif stack[-1] == opener:
+        stack.pop()
+        counts["matched"] += 1
+    else:
+        counts["mismatched"] += 1
 
 
 def environment_check(text: str) -> dict:
-    """\\begin{x} ... \\end{x} pairs: an \\end that closes the innermost open environment counts as matched."""
+    """\\begin{x} ... \\end{x}: the same counts as `bracket_check`, with environment names as brackets."""
     stack: list[str] = []
-    matched = mismatched = 0
+    counts = {"matched": 0, "mismatched": 0, "unopened": 0}
     for kind, env in re.findall(r"\\(begin|end)\{([^}\n]*)\}", text):
         if kind == "begin":
             stack.append(env)
-        elif stack and stack[-1] == env:
-            stack.pop()
-            matched += 1
         else:
-            mismatched += 1
-    return {"matched": matched, "mismatched": mismatched, "open_at_end": len(stack)}
+            _close(stack, env, counts)
+    return {**counts, "open_at_end": len(stack)}
 
 
 def totals(checks: list[dict]) -> dict:
-    out = {key: sum(c[key] for c in checks) for key in ("matched", "mismatched", "open_at_end")}
+    out = {key: sum(c[key] for c in checks) for key in ("matched", "mismatched", "unopened", "open_at_end")}
     closings = out["matched"] + out["mismatched"]
     out["match_rate"] = out["matched"] / closings if closings else None
     out["samples"] = len(checks)
@@ -176,9 +181,11 @@ def measure(corpus: str, data_dir: Path, n_checks: int) -> dict:
                            "distinct": len(set(names)), "examples_novel": [n for n in names if n not in known][:40]}
     if corpus in ("latex", "linux"):
         code = corpus == "linux"
-        samples = [sample(t, 2000, seed=s) for t in (0.5, 1.0) for s in range(n_checks // 2)]
-        start = len(text) - len(text) // 50  # real text of the same length, from the held-out end
-        real = [text[start + i * 2000: start + (i + 1) * 2000] for i in range(len(samples))]
+        samples = [r["prime"] + sample(t, 2000, seed=s) for t in (0.5, 1.0) for s in range(n_checks // 2)]
+        # real text of the same length that starts like the samples (with the prime), from the held-out end
+        val = text[len(text) - int(len(text) * r["train"].get("val-frac", 0.1)):]
+        starts = [m.start() for m in re.finditer(re.escape(r["prime"]), val)][:: 3][: len(samples)]
+        real = [val[i: i + len(samples[0])] for i in starts]
         result["brackets"] = {"samples": totals([bracket_check(s, code) for s in samples]),
                               "real": totals([bracket_check(s, code) for s in real])}
         if corpus == "latex":
@@ -252,24 +259,28 @@ def render(results: dict[str, dict]) -> str:
         if "brackets" in r:
             b = r["brackets"]
             what = "`()`, `[]`, `{}` outside strings and comments" if corpus == "linux" else "`{}` (not `\\{`), `[]`, `()`"
-            out += [f"**Brackets** ({what}), in {b['samples']['samples']} samples of 2,000 characters "
-                    f"(half at temperature 0.5, half at 1.0) and, for comparison, as many 2,000-character pieces of "
-                    "the held-out text. A closing bracket is *matched* when it closes the innermost open one; a "
-                    "piece is cut anywhere, so brackets open at its end, or closed after its start, are expected:", "",
-                    "| text | closings matched | mismatched | match rate | pieces without a mismatch | open at the end |",
-                    "|---|---:|---:|---:|---:|---:|"]
+            out += [f"**Brackets** ({what}), in {b['samples']['samples']} samples of 2,000 characters after the "
+                    "prime (half at temperature 0.5, half at 1.0) and, for comparison, as many pieces of the "
+                    "held-out text of the same length that start with the prime. A closing bracket is *matched* "
+                    "when it closes the innermost open one, *mismatched* when another one is open (a nesting "
+                    "error), *unopened* when none is (in a piece of real text: opened before the piece); a piece "
+                    "can end anywhere, so brackets still open at its end are not errors:", "",
+                    "| text | matched | mismatched | unopened | matched / (matched + mismatched) | pieces without a mismatch | open at the end |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
             for label, t in (("samples", b["samples"]), ("held-out text", b["real"])):
-                out.append(f"| {label} | {t['matched']:,} | {t['mismatched']:,} | {t['match_rate']:.1%} | "
+                rate = "—" if t["match_rate"] is None else f"{t['match_rate']:.1%}"
+                out.append(f"| {label} | {t['matched']:,} | {t['mismatched']:,} | {t['unopened']:,} | {rate} | "
                            f"{t['samples_without_mismatch']} / {t['samples']} | {t['open_at_end']:,} |")
             out.append("")
         if "environments" in r:
             e = r["environments"]
-            out += ["**`\\begin{x}` ... `\\end{x}`** in the same pieces:", "",
-                    "| text | `\\end` matching the innermost `\\begin` | mismatched | match rate | open at the end |",
-                    "|---|---:|---:|---:|---:|"]
+            out += ["**`\\begin{x}` ... `\\end{x}`** in the same pieces, counted the same way:", "",
+                    "| text | matched | mismatched | unopened | matched / (matched + mismatched) | pieces without a mismatch | open at the end |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
             for label, t in (("samples", e["samples"]), ("held-out text", e["real"])):
                 rate = "—" if t["match_rate"] is None else f"{t['match_rate']:.1%}"
-                out.append(f"| {label} | {t['matched']:,} | {t['mismatched']:,} | {rate} | {t['open_at_end']:,} |")
+                out.append(f"| {label} | {t['matched']:,} | {t['mismatched']:,} | {t['unopened']:,} | {rate} | "
+                           f"{t['samples_without_mismatch']} / {t['samples']} | {t['open_at_end']:,} |")
             out.append("")
         if r.get("evolution"):
             wanted = [100, 300, 500, 700, 1200, 2000]

@@ -20,18 +20,19 @@ def test_unigram_entropy():
 
 def test_brackets_in_c_skip_strings_comments_and_char_literals():
     code = 'if (a[i] == \')\') { printf("(%d", x); /* ( */ } // {\n'
-    assert bracket_check(code, code=True) == {"matched": 4, "mismatched": 0, "open_at_end": 0}
-    assert bracket_check("f(x]; }", code=True) == {"matched": 0, "mismatched": 2, "open_at_end": 1}
+    assert bracket_check(code, code=True) == {"matched": 4, "mismatched": 0, "unopened": 0, "open_at_end": 0}
+    assert bracket_check("f(x]; }", code=True) == {"matched": 0, "mismatched": 2, "unopened": 0, "open_at_end": 1}
+    assert bracket_check("} f(x);", code=True) == {"matched": 1, "mismatched": 0, "unopened": 1, "open_at_end": 0}
 
 
 def test_brackets_in_latex_ignore_escaped_braces():
     tex = r"\frac{a}{b} \{ x \} $f(x)$ {"
-    assert bracket_check(tex, code=False) == {"matched": 3, "mismatched": 0, "open_at_end": 1}
+    assert bracket_check(tex, code=False) == {"matched": 3, "mismatched": 0, "unopened": 0, "open_at_end": 1}
 
 
 def test_environments_match_the_innermost_begin():
-    tex = r"\begin{proof} \begin{enumerate} \item x \end{enumerate} \end{proof} \end{lemma} \begin{equation}"
-    assert environment_check(tex) == {"matched": 2, "mismatched": 1, "open_at_end": 1}
+    tex = r"\end{lemma} \begin{proof} \begin{enumerate} \item x \end{enumerate} \end{itemize} \end{proof} \begin{x}"
+    assert environment_check(tex) == {"matched": 2, "mismatched": 1, "unopened": 1, "open_at_end": 1}
 
 
 def test_every_recipe_makes_a_train_command():
