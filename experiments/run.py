@@ -196,6 +196,18 @@ def measure(corpus: str, data_dir: Path, n_checks: int) -> dict:
 
 # --- the doc ---
 
+# Remarks that go with the measured results (numbers in braces are filled in from them).
+NOTES = {
+    "wikipedia": "The weakest model here: 1,522 distinct characters (1,401 of them occur fewer than 100 times) and "
+                 "{epoch:.1f} epochs in the budget. It has learned the markup (`[[links]]`, tags, indentation) and the shape of words "
+                 "more than the words themselves; argmax settles into a run of spaces.",
+    "latex": "Less than one epoch ({epoch:.2f}) fits the budget, yet the loss is the lowest of the six: the "
+             "Stacks project's LaTeX repeats its macros and phrases a lot. Argmax loops on \"the same as\".",
+    "linux": "Less than one epoch ({epoch:.2f}) fits the budget.",
+    "babynames": "The best checkpoint is early (the text is small, and later steps overfit it); the run went on "
+                 "to its epoch limit.",
+}
+
 
 def fence(text: str) -> list[str]:
     return ["```", text.replace("```", "'''"), "```"]
@@ -223,9 +235,12 @@ def render(results: dict[str, dict]) -> str:
             continue
         c = r["config"]
         seconds = r.get("run", {}).get("seconds") or r["train_seconds_at_best"]
+        seconds_note = "" if r.get("run") else " *"
         out.append(f"| {corpus} | {r['chars']:,} | {r['vocab']:,} | {c['layers']}x{c['hidden']} {c['cell'].upper()} | "
-                   f"{r['parameters']:,} | {seconds / 60:.1f} min | {r['best_val_loss']:.3f} ({r['best_val_bpc']:.3f}) | "
+                   f"{r['parameters']:,} | {seconds / 60:.1f} min{seconds_note} | {r['best_val_loss']:.3f} ({r['best_val_bpc']:.3f}) | "
                    f"{r['unigram_nats']:.3f} ({r['unigram_nats'] / math.log(2):.3f}) |")
+    out += ["", "Train time is the wall-clock time of the `train` command; * marks the time the best checkpoint "
+            "took, for a model not retrained here. Validation losses are those of the best checkpoint."]
     for corpus in ORDER:
         r = results.get(corpus)
         if r is None:
@@ -238,15 +253,19 @@ def render(results: dict[str, dict]) -> str:
                 f"- Recipe: `experiments/{corpus}.toml` ({', '.join(f'{k} {v}' for k, v in r['recipe'].items())}).",
                 f"- Model: {c['layers']} x {c['hidden']} {c['cell'].upper()}, embedding {c['embed']}, "
                 f"{r['parameters']:,} parameters, checkpoint {r['checkpoint_mb']:.1f} MB.",
-                f"- Training: {r['steps']:,} steps, {r['epoch']:.2f} epochs"
-                + (f", {run['seconds'] / 60:.1f} min wall-clock" if run else "")
-                + f"; best checkpoint after {r['train_seconds_at_best'] / 60:.1f} min of training.",
+                f"- Training: best checkpoint at step {r['steps']:,} (epoch {r['epoch']:.2f}), after "
+                f"{r['train_seconds_at_best'] / 60:.1f} min of training"
+                + (f"; the whole run took {run['seconds'] / 60:.1f} min wall-clock" if run else "") + ".",
                 f"- Validation loss: **{r['best_val_loss']:.3f} nats/char ({r['best_val_bpc']:.3f} bits/char)** against "
                 f"{r['unigram_nats']:.3f} nats ({r['unigram_nats'] / math.log(2):.3f} bits) for the unigram baseline.",
                 f"- On a GPU: `train --gpu` uses {', '.join(f'{k} {v}' for k, v in r['gpu'].items())} (not run here).", ""]
         if corpus == "shakespeare" and not run:
-            out += ["This is the bundled model, trained before this page was written (docs/models.md has its "
-                    "run); it was not retrained for this page.", ""]
+            out += ["This is the bundled model, trained before this page was written and not retrained for it. "
+                    "Its run (docs/models.md) used the same settings with a 45-minute budget and was stopped by "
+                    f"hand; its best checkpoint came after {r['train_seconds_at_best'] / 60:.1f} minutes of "
+                    "training, which is why the recipe's budget is 20 minutes.", ""]
+        if corpus in NOTES:
+            out += [NOTES[corpus].format(**r), ""]
         for label in ("argmax", "0.5", "1.0"):
             title = "argmax (temperature 0)" if label == "argmax" else f"temperature {label}"
             out += [f"**{title}**, prime {json.dumps(r['prime'])}:", ""] + fence(r["prime"] + r["samples"][label]) + [""]
@@ -260,7 +279,7 @@ def render(results: dict[str, dict]) -> str:
             b = r["brackets"]
             what = "`()`, `[]`, `{}` outside strings and comments" if corpus == "linux" else "`{}` (not `\\{`), `[]`, `()`"
             out += [f"**Brackets** ({what}), in {b['samples']['samples']} samples of 2,000 characters after the "
-                    "prime (half at temperature 0.5, half at 1.0) and, for comparison, as many pieces of the "
+                    "prime (half at temperature 0.5, half at 1.0) and, for comparison, up to as many pieces of the "
                     "held-out text of the same length that start with the prime. A closing bracket is *matched* "
                     "when it closes the innermost open one, *mismatched* when another one is open (a nesting "
                     "error), *unopened* when none is (in a piece of real text: opened before the piece); a piece "
@@ -290,7 +309,9 @@ def render(results: dict[str, dict]) -> str:
             out += ["### Samples during training", "",
                     f"The trainer's `--sample-every {r['recipe'].get('sample-every')}` option logged a sample "
                     "(temperature 1, no prime) every that many steps to `runs/"
-                    f"{r['name']}/log.jsonl`; here those at steps {', '.join(map(str, shown))}:", ""]
+                    f"{r['name']}/log.jsonl`; here those at steps {', '.join(map(str, shown))} (the run ended at "
+                    f"step {r['steps']:,}, before the post's step 2000). First the character frequencies, then "
+                    "spaces and word lengths, then the markup (`[[`, `]]`, tags), then more and more real words:", ""]
             for s in shown:
                 out += [f"**step {s}**", ""] + fence(steps[s]) + [""]
         if "temperatures" in r:
