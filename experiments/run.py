@@ -36,11 +36,16 @@ def recipe(corpus: str) -> dict:
     return tomllib.loads((REPO / "experiments" / f"{corpus}.toml").read_text())
 
 
-def train_command(corpus: str, data_dir: Path, gpu: bool) -> list[str]:
+def train_command(corpus: str, data_dir: Path, gpu: bool, rerun: bool = False) -> list[str]:
+    """`charrnn train` with the recipe. `rerun`: the same run under <name>-rerun, its checkpoint kept out of
+    model_store/ (in runs/experiments/store/), to check that the recipe gives the committed model's loss."""
     r = recipe(corpus)
     options = {**r["train"], **(r.get("gpu", {}) if gpu else {})}
-    argv = [sys.executable, "-m", "charrnn", "train", "--data", str(data_dir / r["data"]), "--name", r["name"],
+    name = r["name"] + ("-rerun" if rerun else "")
+    argv = [sys.executable, "-m", "charrnn", "train", "--data", str(data_dir / r["data"]), "--name", name,
             "--overwrite"]
+    if rerun:
+        argv += ["--model-store", str(RESULTS / "store")]
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
     return argv
@@ -160,7 +165,15 @@ def measure(corpus: str, data_dir: Path, n_checks: int) -> dict:
     run_file = RESULTS / f"{corpus}.train.json"
     if run_file.exists():
         result["run"] = json.loads(run_file.read_text())
-    log = REPO / "runs" / r["name"] / "log.jsonl"
+    rerun = RESULTS / "store" / f"{r['name']}-rerun.safetensors"
+    if rerun.exists():
+        facts = load_model(rerun)[2].training
+        result["rerun"] = {**json.loads((RESULTS / f"{corpus}.rerun.json").read_text()),
+                           "best_val_loss": facts["best_val_loss"], "best_val_bpc": facts["best_val_bpc"],
+                           "steps": facts["steps"], "train_seconds_at_best": facts["train_seconds"]}
+        log = REPO / "runs" / f"{r['name']}-rerun" / "log.jsonl"  # its samples show the training
+    else:
+        log = REPO / "runs" / r["name"] / "log.jsonl"
     if log.exists():
         entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         result["evolution"] = [{"step": e["step"], "text": e["text"]} for e in entries if e["type"] == "sample"]
@@ -264,6 +277,14 @@ def render(results: dict[str, dict]) -> str:
                     "Its run (docs/models.md) used the same settings with a 45-minute budget and was stopped by "
                     f"hand; its best checkpoint came after {r['train_seconds_at_best'] / 60:.1f} minutes of "
                     "training, which is why the recipe's budget is 20 minutes.", ""]
+        if "rerun" in r:
+            rr = r["rerun"]
+            out += [f"The recipe was run again on {rr['date']} (`experiments/run.py train {corpus} --rerun`, the "
+                    "same settings under another name, outside `model_store/`): best validation loss "
+                    f"**{rr['best_val_loss']:.3f} nats/char ({rr['best_val_bpc']:.3f} bits)** at step "
+                    f"{rr['steps']:,}, after {rr['train_seconds_at_best'] / 60:.1f} min; the whole run took "
+                    f"{rr['seconds'] / 60:.1f} min. Its samples are the ones shown under *Samples during "
+                    "training* below.", ""]
         if corpus in NOTES:
             out += [NOTES[corpus].format(**r), ""]
         for label in ("argmax", "0.5", "1.0"):
@@ -306,12 +327,13 @@ def render(results: dict[str, dict]) -> str:
             steps = {e["step"]: e["text"] for e in r["evolution"]}
             last = max(steps)
             shown = [s for s in wanted if s in steps] + ([last] if last not in wanted else [])
+            run_name = r["name"] + ("-rerun" if "rerun" in r else "")
+            last_step = r["rerun"]["steps"] if "rerun" in r else r["steps"]
             out += ["### Samples during training", "",
                     f"The trainer's `--sample-every {r['recipe'].get('sample-every')}` option logged a sample "
                     "(temperature 1, no prime) every that many steps to `runs/"
-                    f"{r['name']}/log.jsonl`; here those at steps {', '.join(map(str, shown))} (the run ended at "
-                    f"step {r['steps']:,}, before the post's step 2000). First the character frequencies, then "
-                    "spaces and word lengths, then the markup (`[[`, `]]`, tags), then more and more real words:", ""]
+                    f"{run_name}/log.jsonl`; here those at steps {', '.join(map(str, shown))} (its best checkpoint "
+                    f"is at step {last_step:,}):", ""]
             for s in shown:
                 out += [f"**step {s}**", ""] + fence(steps[s]) + [""]
         if "temperatures" in r:
@@ -331,15 +353,16 @@ def main() -> None:
     parser.add_argument("corpus", nargs="?", choices=ORDER)
     parser.add_argument("--data-dir", type=Path, default=REPO / "data" / "corpora")
     parser.add_argument("--gpu", action="store_true", help="train with the recipe's [gpu] settings")
+    parser.add_argument("--rerun", action="store_true", help="train as <name>-rerun, outside model_store/")
     parser.add_argument("--checks", type=int, default=1000, help="names sampled / 2,000-char pieces (latex, linux: /50)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.action == "train":
-        argv = train_command(args.corpus, args.data_dir, args.gpu)
+        argv = train_command(args.corpus, args.data_dir, args.gpu, args.rerun)
         print(" ".join(argv[1:]), flush=True)
         started = time.monotonic()
         subprocess.run(argv, check=True, cwd=REPO)
-        (RESULTS / f"{args.corpus}.train.json").write_text(json.dumps(
+        (RESULTS / f"{args.corpus}.{'rerun' if args.rerun else 'train'}.json").write_text(json.dumps(
             {"seconds": round(time.monotonic() - started, 1), "command": ["charrnn", *argv[4:]],
              "date": datetime.date.today().isoformat()}, indent=2))
     elif args.action == "measure":
