@@ -274,8 +274,8 @@ def render(results: dict[str, dict]) -> str:
                 f"- On a GPU: `train --gpu` uses {', '.join(f'{k} {v}' for k, v in r['gpu'].items())} (not run here).", ""]
         if corpus == "shakespeare" and not run:
             out += ["This is the bundled model, trained before this page was written and not retrained for it. "
-                    "Its run (docs/models.md) used the same settings with a 45-minute budget and was stopped by "
-                    f"hand; its best checkpoint came after {r['train_seconds_at_best'] / 60:.1f} minutes of "
+                    "Its run (docs/models.md) used the same settings, without `--sample-every` and with a "
+                    f"45-minute budget, and was stopped by hand; its best checkpoint came after {r['train_seconds_at_best'] / 60:.1f} minutes of "
                     "training, which is why the recipe's budget is 20 minutes.", ""]
         if "rerun" in r:
             rr = r["rerun"]
