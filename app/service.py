@@ -100,6 +100,14 @@ class Service:
             return self.settings.default_model
         return next(iter(sorted(self.registry.models)), None)
 
+    def model_named(self, name: str | None) -> LoadedModel:
+        """The model a request names (None: the default one), or a 404."""
+        name = name or self.default_model_name()
+        lm = self.registry.get(name) if name else None
+        if lm is None:
+            raise APIError(404, "model_not_found", f"no model named {name!r}; GET /models lists them")
+        return lm
+
     def decoder_for(self, lm: LoadedModel) -> Decoder:
         decoder = self.decoders.get(lm.sha256)
         if decoder is None:
@@ -157,10 +165,7 @@ class Service:
                                f"model {session.model!r} was replaced or removed since this session started; "
                                "its state does not fit the new weights, so start a new session")
         else:
-            name = req.model or self.default_model_name()
-            lm = self.registry.get(name) if name else None
-            if lm is None:
-                raise APIError(404, "model_not_found", f"no model named {name!r}; GET /models lists them")
+            lm = self.model_named(req.model)
 
         prime = req.prime
         if lm.vocab.unknown(prime):
@@ -229,10 +234,7 @@ class Service:
         limit = self.settings.max_inspect_chars
         if len(req.text) > limit:
             raise invalid(f"text has {len(req.text)} characters; the limit is {limit} (CHARRNN_MAX_INSPECT_CHARS)")
-        name = req.model or self.default_model_name()
-        lm = self.registry.get(name) if name else None
-        if lm is None:
-            raise APIError(404, "model_not_found", f"no model named {name!r}; GET /models lists them")
+        lm = self.model_named(req.model)
         cfg = lm.model.config
         layer = cfg.layers - 1 if req.layer is None else req.layer
         if layer >= cfg.layers:

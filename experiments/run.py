@@ -226,6 +226,17 @@ def fence(text: str) -> list[str]:
     return ["```", text.replace("```", "'''"), "```"]
 
 
+def check_table(check: dict) -> list[str]:
+    """Markdown rows of a bracket or environment check: the samples against the held-out text."""
+    rows = ["| text | matched | mismatched | unopened | matched / (matched + mismatched) | pieces without a mismatch "
+            "| open at the end |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, t in (("samples", check["samples"]), ("held-out text", check["real"])):
+        rate = "—" if t["match_rate"] is None else f"{t['match_rate']:.1%}"
+        rows.append(f"| {label} | {t['matched']:,} | {t['mismatched']:,} | {t['unopened']:,} | {rate} | "
+                    f"{t['samples_without_mismatch']} / {t['samples']} | {t['open_at_end']:,} |")
+    return rows + [""]
+
+
 def render(results: dict[str, dict]) -> str:
     out = ["# The post's experiments: six corpora, six models", "",
            "Every number and sample here was produced by `experiments/run.py` (commands below) on this project's",
@@ -304,24 +315,11 @@ def render(results: dict[str, dict]) -> str:
                     "held-out text of the same length that start with the prime. A closing bracket is *matched* "
                     "when it closes the innermost open one, *mismatched* when another one is open (a nesting "
                     "error), *unopened* when none is (in a piece of real text: opened before the piece); a piece "
-                    "can end anywhere, so brackets still open at its end are not errors:", "",
-                    "| text | matched | mismatched | unopened | matched / (matched + mismatched) | pieces without a mismatch | open at the end |",
-                    "|---|---:|---:|---:|---:|---:|---:|"]
-            for label, t in (("samples", b["samples"]), ("held-out text", b["real"])):
-                rate = "—" if t["match_rate"] is None else f"{t['match_rate']:.1%}"
-                out.append(f"| {label} | {t['matched']:,} | {t['mismatched']:,} | {t['unopened']:,} | {rate} | "
-                           f"{t['samples_without_mismatch']} / {t['samples']} | {t['open_at_end']:,} |")
-            out.append("")
+                    "can end anywhere, so brackets still open at its end are not errors:", ""]
+            out += check_table(b)
         if "environments" in r:
             e = r["environments"]
-            out += ["**`\\begin{x}` ... `\\end{x}`** in the same pieces, counted the same way:", "",
-                    "| text | matched | mismatched | unopened | matched / (matched + mismatched) | pieces without a mismatch | open at the end |",
-                    "|---|---:|---:|---:|---:|---:|---:|"]
-            for label, t in (("samples", e["samples"]), ("held-out text", e["real"])):
-                rate = "—" if t["match_rate"] is None else f"{t['match_rate']:.1%}"
-                out.append(f"| {label} | {t['matched']:,} | {t['mismatched']:,} | {t['unopened']:,} | {rate} | "
-                           f"{t['samples_without_mismatch']} / {t['samples']} | {t['open_at_end']:,} |")
-            out.append("")
+            out += ["**`\\begin{x}` ... `\\end{x}`** in the same pieces, counted the same way:", ""] + check_table(e)
         if r.get("evolution"):
             wanted = [100, 300, 500, 700, 1200, 2000]
             steps = {e["step"]: e["text"] for e in r["evolution"]}
