@@ -44,7 +44,8 @@ class SamplingParams:
 LOOKAHEAD = 3  # characters computed ahead of delivery, per stream
 COALESCE_ABOVE = 16  # with more streams than this, characters go out two per write
 STRAGGLER_WAIT_S = 0.001  # how long a step waits for streams whose client is a little behind
-SMALL_BATCH = 8  # batches up to this size step with `small_batch_threads`
+PRIME_IDLE_SLICE_S = 0.02  # with no stream running, primes are read in slices of about this long
+MAX_PRIME_SLICE = 1024  # characters of each prime per slice, at most
 
 
 @dataclass(frozen=True)
@@ -142,22 +143,34 @@ class Stream:
         return char
 
 
+@dataclass(eq=False)  # jobs are compared by identity
+class PrimeJob:
+    """A prime being read: `ids` from `state`, `done` characters so far; the result goes to `future`."""
+
+    ids: list[int]
+    state: State | None
+    future: asyncio.Future
+    done: int = 0
+
+
 class Decoder:
-    """The decode loop of one loaded model, in a thread of its own: only it calls the model's stepper.
+    """The decode loop of one loaded model, in a thread of its own: only it calls the model's engine.
 
     The thread steps again as soon as streams are ready, without a round trip through the event loop, and
-    hands each step's characters to the event loop with one `call_soon_threadsafe`.
+    hands each step's characters to the event loop with one `call_soon_threadsafe`. Between steps it reads
+    primes in slices (all waiting primes together, a few characters of each), so a long prime delays the
+    running streams by at most about one step's time per step, whatever its length. Slicing does not change
+    a prime's result (the engine reads any cut the same), so a stream's text never depends on the load.
     """
 
-    def __init__(self, lm: LoadedModel, metrics: Metrics, batching: bool = True,
-                 threads: int = 1, small_batch_threads: int = 2):
+    def __init__(self, lm: LoadedModel, metrics: Metrics, batching: bool = True):
         self.lm = lm
-        self.threads, self.small_batch_threads = threads, small_batch_threads
         self.metrics = metrics
         self.batching = batching
         self.streams: list[Stream] = []  # guarded by _cond
         self.closing = False
-        self._prime_queue: list[tuple[list[int], State | None, asyncio.Future]] = []  # guarded by _cond
+        self._primes: list[PrimeJob] = []  # guarded by _cond
+        self._prime_step_s = 1e-3  # measured seconds per character of a prime slice (decode thread only)
         self._cond = threading.Condition()
         self._loop = asyncio.get_running_loop()
         self.thread = threading.Thread(target=self._run, name=f"decoder-{lm.name}", daemon=True)
@@ -180,35 +193,12 @@ class Decoder:
             self._cond.notify()
 
     async def prime(self, ids: list[int], state: State | None) -> State:
-        """The state after reading `ids` from `state`, computed by the decode thread before its next step.
-        Primes that arrive while the thread is busy are read together in one packed pass."""
+        """The state after reading `ids` from `state` (None: zeros), read by the decode thread between steps."""
         future = self._loop.create_future()
         with self._cond:
-            self._prime_queue.append((ids, state, future))
+            self._primes.append(PrimeJob(ids, state, future))
             self._cond.notify()
         return await future
-
-    def _prime_pending(self, batch: list[tuple[list[int], State | None, asyncio.Future]]) -> None:
-        """In the decode thread: one packed pass for every prime waiting, results handed to the event loop."""
-        self.metrics.prime_batch_size.observe(len(batch))
-        try:
-            states = self.lm.prime_batch([ids for ids, _, _ in batch], [state for _, state, _ in batch])
-        except Exception as e:
-            log.exception("priming failed for model %s", self.lm.name)
-            states, error = None, e
-        else:
-            error = None
-
-        def deliver() -> None:
-            for i, (_, _, future) in enumerate(batch):
-                if future.done():
-                    continue  # the request was cancelled meanwhile
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(states[i])
-
-        self._loop.call_soon_threadsafe(deliver)
 
     def close(self) -> None:
         """Stop once the running streams are done (the model was replaced or removed)."""
@@ -219,9 +209,6 @@ class Decoder:
     @torch.inference_mode()
     def _step(self, group: list[Stream]) -> tuple[State, list[int]]:
         """Runs in the decode thread: one batched step and one sampled character per stream."""
-        # Small batches are latency-bound and gain from a second thread; large ones leave a core to the
-        # event loop that frames and sends the characters (docs/benchmarks.md).
-        torch.set_num_threads(self.small_batch_threads if len(group) <= SMALL_BATCH else self.threads)
         latest = [s.computed for s in group]
         ids = torch.tensor([char_id for _, char_id in latest])
         rows = [row for row, _ in latest]
@@ -231,7 +218,7 @@ class Decoder:
         else:
             state = tuple(torch.cat([r.batch[i][:, r.index : r.index + 1] for r in rows], dim=1)
                           for i in range(len(first)))
-        logits, new_state = self.lm.stepper.step(ids, state)
+        logits, new_state = self.lm.engine.step(ids, state)
         chosen = sample_next(
             logits,
             [s.params.temperature for s in group],
@@ -241,15 +228,52 @@ class Decoder:
         ).tolist()
         return new_state, chosen
 
+    def _read_primes(self, budget_s: float) -> None:
+        """In the decode thread: read the next slice of every waiting prime, sized to take about `budget_s`."""
+        with self._cond:
+            jobs = [job for job in self._primes if not job.future.done()]  # done: the request was cancelled
+            self._primes = jobs
+        if not jobs:
+            return
+        chars = max(1, min(MAX_PRIME_SLICE, int(budget_s / self._prime_step_s)))
+        pieces = [job.ids[job.done : job.done + chars] for job in jobs]
+        self.metrics.prime_batch_size.observe(len(jobs))
+        started = time.perf_counter()
+        try:
+            states, _ = self.lm.engine.read(pieces, [job.state for job in jobs])
+        except Exception as e:
+            log.exception("priming failed for model %s", self.lm.name)
+            finished, error = jobs, e
+        else:
+            error = None
+            longest = max(len(p) for p in pieces)
+            if longest:  # seconds per character at this many primes, for the next slice's size
+                self._prime_step_s = 0.5 * self._prime_step_s + 0.5 * (time.perf_counter() - started) / longest
+            for job, state, piece in zip(jobs, states, pieces):
+                job.state, job.done = state, job.done + len(piece)
+            finished = [job for job in jobs if job.done >= len(job.ids)]
+        with self._cond:
+            self._primes = [job for job in self._primes if job not in finished]
+
+        def deliver() -> None:
+            for job in finished:
+                if job.future.done():
+                    continue  # the request was cancelled meanwhile
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(job.state)
+
+        self._loop.call_soon_threadsafe(deliver)
+
     def _next_group(self) -> list[Stream] | None:
-        """Wait for ready streams (None: closed and idle). Gives stragglers a moment so streams step together."""
+        """Wait for ready streams or primes (None: closed and idle). An empty list: only primes are waiting.
+        Gives stragglers a moment so streams step together."""
         with self._cond:
             while True:
-                if self._prime_queue:
-                    return []  # primes first: a new stream's first character waits on them
                 self.streams = [s for s in self.streams if not s.finished]
                 ready = [s for s in self.streams if s.ready]
-                if ready and len(ready) < len(self.streams):
+                if ready and len(ready) < len(self.streams) and not self._primes:
                     # Consumers take their characters a few microseconds apart: wait briefly for the rest.
                     deadline = time.monotonic() + STRAGGLER_WAIT_S
                     while len(ready) < len(self.streams) and (left := deadline - time.monotonic()) > 0:
@@ -260,29 +284,35 @@ class Decoder:
                     for s in ready:
                         s.ahead += 1
                     return ready
+                if self._primes:
+                    return []
                 if self.closing and not self.streams:
                     return None
                 self._cond.wait()
 
     def _run(self) -> None:
+        step_s = 0.0  # how long the last decode step took
         while (ready := self._next_group()) is not None:
-            if not ready:
-                with self._cond:
-                    batch, self._prime_queue = self._prime_queue, []
-                self._prime_pending(batch)
-                continue
-            groups = [ready] if self.batching else [[s] for s in ready]
-            for group in groups:
-                self.metrics.decode_batch_size.observe(len(group))
-                try:
-                    new_state, chosen = self._step(group)
-                except Exception as e:  # a failing step ends these streams, not the server
-                    log.exception("decode step failed for model %s", self.lm.name)
-                    self._loop.call_soon_threadsafe(self._fail, group, f"generation failed: {e}")
-                    continue
-                for j, (s, char_id) in enumerate(zip(group, chosen)):
-                    s.computed = (Row(new_state, j), char_id)
-                self._loop.call_soon_threadsafe(self._deliver, group, new_state, chosen)
+            if ready:
+                started = time.perf_counter()
+                groups = [ready] if self.batching else [[s] for s in ready]
+                for group in groups:
+                    self.metrics.decode_batch_size.observe(len(group))
+                    try:
+                        new_state, chosen = self._step(group)
+                    except Exception as e:  # a failing step ends these streams, not the server
+                        log.exception("decode step failed for model %s", self.lm.name)
+                        self._loop.call_soon_threadsafe(self._fail, group, f"generation failed: {e}")
+                        continue
+                    for j, (s, char_id) in enumerate(zip(group, chosen)):
+                        s.computed = (Row(new_state, j), char_id)
+                    self._loop.call_soon_threadsafe(self._deliver, group, new_state, chosen)
+                step_s = time.perf_counter() - started
+            if self._primes:
+                # While streams run, primes get as much of this thread as a step takes (and the moments when
+                # no stream is ready); with none running, slices of PRIME_IDLE_SLICE_S, between which new
+                # arrivals join the reading.
+                self._read_primes(step_s if self.streams else PRIME_IDLE_SLICE_S)
 
     @staticmethod
     def _deliver(group: list[Stream], new_state: State, chosen: list[int]) -> None:

@@ -58,8 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.decode_threads())
         service: Service = app.state.service
         result = await service.reload()
         for name, why in result.errors.items():

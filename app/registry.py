@@ -13,11 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch.nn.utils.rnn import pack_padded_sequence
-
 from charrnn.checkpoint import SUFFIX, CheckpointError, CheckpointInfo, MODEL_NAME_RE, load_model
-from charrnn.model import CharRNN, State, Stepper
+from charrnn.engine import Engine, resolve_precision
+from charrnn.model import ModelConfig
 from charrnn.vocab import Vocab
 
 log = logging.getLogger("charrnn")
@@ -28,55 +26,16 @@ class LoadedModel:
     name: str
     path: Path
     sha256: str
-    model: CharRNN
-    stepper: Stepper
+    engine: Engine  # the only way the service runs the model (charrnn/engine.py)
     vocab: Vocab
     info: CheckpointInfo
+    parameters: int
     stamp: tuple[int, int, int] = (0, 0, 0)  # inode, size, mtime of the file when it was hashed
     loaded_at: float = field(default_factory=time.time)
 
     @property
-    def newline_id(self) -> int:
-        return self.vocab.index.get("\n", 0)
-
-    @torch.inference_mode()
-    def prime(self, ids: list[int], state: State | None) -> State:
-        """Run `ids` through the model in one pass (batch 1) and return the state after them."""
-        return self.prime_batch([ids], [state])[0]
-
-    @torch.inference_mode()
-    def prime_batch(self, prompts: list[list[int]], states: list[State | None]) -> list[State]:
-        """Read several primes of any lengths in one packed pass; returns each one's state after its prime.
-
-        With bf16 decoding the pass runs under bf16 autocast (about 1.8x faster; see docs/benchmarks.md).
-        """
-        model = self.model
-        fresh = model.init_state(1)
-        starts = [s if s is not None else fresh for s in states]
-        if not any(prompts):
-            return starts
-        lengths = torch.tensor([max(1, len(p)) for p in prompts])
-        padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            padded[row, : len(p)] = torch.tensor(p, dtype=torch.long)
-        packed = pack_padded_sequence(model.embedding(padded), lengths, batch_first=True, enforce_sorted=False)
-        h0 = tuple(torch.cat([s[i] for s in starts], dim=1) for i in range(len(fresh)))
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.stepper.precision == "bf16")
-        with autocast:
-            _, hn = model.rnn(packed, h0 if model.config.cell == "lstm" else h0[0])
-        hn = hn if isinstance(hn, tuple) else (hn,)
-        out = []
-        for row, p in enumerate(prompts):
-            # an empty prompt keeps its start state (it was run on a dummy character only to keep shapes)
-            out.append(starts[row] if not p else tuple(t[:, row : row + 1].float().clone() for t in hn))
-        return out
-
-    def warm_up(self) -> None:
-        """One prime pass and a few steps, so the first request does not pay for lazy initialisation."""
-        state = self.prime([self.newline_id] * 8, None)
-        ids = torch.tensor([self.newline_id])
-        for _ in range(3):
-            _, state = self.stepper.step(ids, state)
+    def config(self) -> ModelConfig:
+        return self.engine.config
 
 
 def file_sha256(path: Path) -> str:
@@ -94,13 +53,6 @@ class ScanResult:
     removed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
-
-
-def resolve_precision(precision: str) -> str:
-    """`auto` means bf16 where the CPU multiplies bf16 natively, else fp32."""
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 class Registry:
@@ -144,8 +96,9 @@ class Registry:
                     result.unchanged.append(name)
                     continue
                 model, vocab, info = load_model(path)
-                loaded = LoadedModel(name, path, sha, model, Stepper(model, self.precision), vocab, info, stamp)
-                loaded.warm_up()
+                engine = Engine(model, self.precision)
+                engine.warm_up()
+                loaded = LoadedModel(name, path, sha, engine, vocab, info, model.num_parameters(), stamp)
             except (CheckpointError, OSError, RuntimeError, ValueError) as e:
                 result.errors[path.name] = str(e)
                 log.warning("skipping %s: %s", path.name, e)

@@ -18,6 +18,7 @@ from app.metrics import Metrics
 from app.registry import LoadedModel, Registry, ScanResult
 from app.schemas import GenerateRequest, GenerateResult, InspectRequest, InspectResult
 from charrnn.activations import interesting_units, trace
+from charrnn.engine import start_ids
 from app.sessions import MemorySessionStore, Session, SessionGone, StatePool, new_session_id
 from app.settings import Settings
 
@@ -111,8 +112,7 @@ class Service:
     def decoder_for(self, lm: LoadedModel) -> Decoder:
         decoder = self.decoders.get(lm.sha256)
         if decoder is None:
-            decoder = Decoder(lm, self.metrics, self.settings.batching, self.settings.threads,
-                              self.settings.small_batch_threads)
+            decoder = Decoder(lm, self.metrics, self.settings.batching)
             self.decoders[lm.sha256] = decoder
         return decoder
 
@@ -189,7 +189,7 @@ class Service:
             if session is not None:
                 ids, base = [session.next_input, *prime_ids], session.state
             else:
-                ids, base = prime_ids or [lm.newline_id], None
+                ids, base = start_ids(lm.vocab, prime_ids), None
             state = await self.decoder_for(lm).prime(ids[:-1], base)
             if session is None:
                 pool = self.pools.get(lm.sha256)
@@ -235,7 +235,7 @@ class Service:
         if len(req.text) > limit:
             raise invalid(f"text has {len(req.text)} characters; the limit is {limit} (CHARRNN_MAX_INSPECT_CHARS)")
         lm = self.model_named(req.model)
-        cfg = lm.model.config
+        cfg = lm.config
         layer = cfg.layers - 1 if req.layer is None else req.layer
         if layer >= cfg.layers:
             raise invalid(f"layer {layer} does not exist: model {lm.name!r} has layers 0..{cfg.layers - 1}")
@@ -247,7 +247,7 @@ class Service:
         ids = [lm.vocab.index[c] for c in req.text]
 
         def run() -> InspectResult:
-            t = trace(lm.model, ids, layer, kind)
+            t = trace(lm.engine, ids, layer, kind)
             chars = lm.vocab.chars
             predictions = [[{"char": chars[i], "p": round(float(p), 4)} for i, p in zip(row_ids, row_p)]
                            for row_ids, row_p in zip(t.top_ids.tolist(), t.top_probs.tolist())]

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from charrnn.runtime import available_cpus
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARRNN_", protected_namespaces=())
@@ -38,15 +40,19 @@ class Settings(BaseSettings):
 
     # Decoding
     batching: bool = True  # off: every stream steps its own model call (the naive baseline)
-    # auto: bf16 where the CPU has bf16 units (held-out loss change 0.00003 nats on the bundled model, and
-    # each row independent of its batch), else fp32. See docs/benchmarks.md.
+    # auto: bf16 where the CPU has bf16 units, else fp32. Either way each row's result is independent of its
+    # batch (charrnn/engine.py); loss and speed of both in docs/benchmarks.md.
     decode_precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # torch CPU threads for model steps. One leaves the other core to the event loop that frames and sends the
-    # characters: at 64 streams 7.9k chars/s with 1 thread against 6.1k with 2 (docs/benchmarks.md). Steps of
-    # up to 8 streams are latency-bound and use `small_batch_threads`.
-    threads: int = Field(1, ge=1)
-    small_batch_threads: int = Field(2, ge=1)
+    # torch CPU threads for model steps and primes; unset: one less than the CPUs this process may use (its
+    # affinity and cgroup quota), at least 1, leaving a CPU to the event loop that frames and sends the
+    # characters. Two compute threads that wait for each other lose badly to any CPU-bound neighbour; one
+    # thread keeps a stream's rate beside them (docs/benchmarks.md, "Fair under contention").
+    threads: int | None = Field(None, ge=1)
 
     # Streaming and lifecycle
     sse_ping_s: float = Field(15.0, gt=0)  # keep-alive comment interval on idle streams
     shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM: time for open streams to get their final event
+
+    def decode_threads(self) -> int:
+        """Torch threads for model compute: `threads`, or derived from the CPUs this process may use."""
+        return self.threads or max(1, available_cpus() - 1)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ceiling.py model_store/shakespeare.safetensors
 
-- model step rate at batch 1, 8, 64, 256: one decoding step (`Stepper.step`, the server's step) plus
+- model step rate at batch 1, 8, 64, 256: one decoding step (`Engine.step`, the server's step) plus
   sampling with per-row parameters and generators (`sample_next`, the server's sampler), states kept
   in one batch tensor, so no per-stream bookkeeping is counted;
 - SSE emission rate: `bench/trivial_sse.py` served by uvicorn, streaming pre-made characters through the
@@ -32,16 +32,15 @@ def model_step_rate(checkpoint: Path, batch: int, seconds: float = 2.0, threads:
 
     import random
 
-    from app.registry import resolve_precision
     from charrnn.checkpoint import load_model
-    from charrnn.model import Stepper
+    from charrnn.engine import Engine
     from charrnn.sampling import sample_next
 
     if threads:
         torch.set_num_threads(threads)
     model, vocab, _ = load_model(checkpoint)
-    stepper = Stepper(model, resolve_precision("auto"))  # what the server decodes with
-    state = model.init_state(batch)
+    stepper = Engine(model)  # what the server decodes with
+    state = stepper.init_state(batch)
     ids = torch.full((batch,), vocab.index.get("\n", 0))
     gens = [random.Random(i) for i in range(batch)]
     temps, ks, ps = [1.0] * batch, [None] * batch, [None] * batch

@@ -1,12 +1,12 @@
-"""Decoding in fp32, bf16 and int8: speed, held-out loss, and whether a row depends on its batch.
+"""Decoding in fp32 and bf16: speed, held-out loss, and whether a row depends on its batch.
 
     .venv/bin/python bench/decode_precision.py model_store/shakespeare.safetensors --data data/tinyshakespeare.txt
 
-For each precision: the validation loss measured by stepping one character at a time over the last 10% of
-the text (64 streams, the state carried), the loss change against fp32, step rates (with sampling) at
-batch 1/64/256, and the largest difference between a row's logits stepped alone and inside a batch of 64
-(0 means a seeded request gives the same text alone or batched). int8 is PyTorch's dynamic quantization
-of the fused layer matrices; it is measured here and not used by the server (see docs/benchmarks.md).
+For each precision of the inference engine (`charrnn/engine.py`, what the server runs): the validation loss
+measured by stepping one character at a time over the last 10% of the text (64 streams, the state carried),
+the loss change against fp32, step rates (with sampling) at batch 1/64/256 with the server's thread count,
+and the largest difference between a row's logits stepped alone and inside a batch, over every batch size
+from 1 to 64 and a few up to 256 (0: a seeded request gives the same text alone or batched).
 """
 
 from __future__ import annotations
@@ -24,44 +24,6 @@ sys.path.insert(0, str(REPO))
 from charrnn.runtime import reexec_with_allocator_env  # noqa: E402
 
 
-def int8_stepper(model):
-    """A step function with the fused LSTM matrices as dynamically quantized int8 linears."""
-    import warnings
-
-    import torch
-    from torch import nn
-
-    cfg = model.config
-    linears = []
-    for layer in range(cfg.layers):
-        w = torch.cat([getattr(model.rnn, f"weight_ih_l{layer}"), getattr(model.rnn, f"weight_hh_l{layer}")], 1)
-        b = getattr(model.rnn, f"bias_ih_l{layer}") + getattr(model.rnn, f"bias_hh_l{layer}")
-        lin = nn.Linear(w.shape[1], w.shape[0])
-        lin.weight.data, lin.bias.data = w.detach().clone(), b.detach().clone()
-        linears.append(lin)
-    head = nn.Linear(cfg.hidden, cfg.vocab_size)
-    head.weight.data, head.bias.data = model.head.weight.detach().clone(), model.head.bias.detach().clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = torch.ao.quantization.quantize_dynamic(nn.ModuleList([*linears, head]), {nn.Linear}, dtype=torch.qint8)
-    emb = model.embedding.weight.detach()
-
-    @torch.inference_mode()
-    def step(ids, state):
-        h, c = state
-        x = emb[ids]
-        hs, cs = [], []
-        for layer in range(cfg.layers):
-            i, f, g, o = q[layer](torch.cat([x, h[layer]], 1)).chunk(4, 1)
-            c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
-            x = torch.sigmoid(o) * torch.tanh(c_new)
-            hs.append(x)
-            cs.append(c_new)
-        return q[-1](x), (torch.stack(hs), torch.stack(cs))
-
-    return step
-
-
 def stepped_val_loss(step, model, val_ids, streams: int = 64) -> float:
     import torch
     import torch.nn.functional as F
@@ -77,13 +39,15 @@ def stepped_val_loss(step, model, val_ids, streams: int = 64) -> float:
 
 
 def step_rate(step, model, vocab_size: int, batch: int, seconds: float) -> float:
+    import random
+
     import torch
 
     from charrnn.sampling import sample_next
 
     state = model.init_state(batch)
     ids = torch.zeros(batch, dtype=torch.long)
-    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    gens = [random.Random(i) for i in range(batch)]  # as the server
     temps, none = [1.0] * batch, [None] * batch
     for _ in range(10):
         logits, state = step(ids, state)
@@ -101,14 +65,14 @@ def batch_dependence(step, model, vocab_size: int) -> float:
     import torch
 
     torch.manual_seed(0)
-    B = 64
-    ids = torch.randint(0, vocab_size, (B,))
-    state = tuple(torch.randn_like(s) * 0.5 for s in model.init_state(B))
-    batched, _ = step(ids, state)
     worst = 0.0
-    for j in (0, 17, 40, 63):
-        alone, _ = step(ids[j : j + 1], tuple(s[:, j : j + 1].contiguous() for s in state))
-        worst = max(worst, (alone - batched[j : j + 1]).abs().max().item())
+    for B in [*range(1, 65), 100, 128, 200, 256]:
+        ids = torch.randint(0, vocab_size, (B,))
+        state = tuple(torch.randn_like(s) * 0.5 for s in model.init_state(B))
+        batched, _ = step(ids, state)
+        for j in {0, B // 2, B - 1}:
+            alone, _ = step(ids[j : j + 1], tuple(s[:, j : j + 1].contiguous() for s in state))
+            worst = max(worst, (alone - batched[j : j + 1]).abs().max().item())
     return worst
 
 
@@ -122,16 +86,17 @@ def main() -> None:
 
     import torch
 
+    from app.settings import Settings
     from charrnn.checkpoint import load_model
-    from charrnn.model import Stepper
+    from charrnn.engine import Engine
     from training.data import load_text, split
 
+    torch.set_num_threads(Settings().decode_threads())
     model, vocab, _ = load_model(args.checkpoint)
     ids = torch.from_numpy(vocab.encode(load_text(args.data).text))
     _, val = split(ids, 0.1)
-    variants = {"fp32": Stepper(model).step, "bf16": Stepper(model, "bf16").step}
-    if model.config.cell == "lstm":
-        variants["int8 (dynamic)"] = int8_stepper(model)
+    variants = {precision: Engine(model, precision).step for precision in ("fp32", "bf16")}
+    print(f"{torch.get_num_threads()} threads", flush=True)
     rows = {}
     for name, step in variants.items():
         loss = stepped_val_loss(step, model, val)

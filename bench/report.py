@@ -35,7 +35,7 @@ from load import PRIME, join_point, run_sweep, server_rss_mib  # noqa: E402
 from server_proc import ServerProcess  # noqa: E402
 
 START, END = "<!-- serving:start -->", "<!-- serving:end -->"
-SERVE = [sys.executable, "-m", "charrnn", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
+SERVE = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
@@ -43,7 +43,7 @@ def ensure_small_model() -> Path:
     store = REPO / "runs" / "bench-models"
     path = store / "shakespeare-2x256.safetensors"
     if not path.exists():
-        subprocess.run([sys.executable, "-m", "charrnn", "train", "--data", str(REPO / "data" / "tinyshakespeare.txt"),
+        subprocess.run([sys.executable, "-m", "cli", "train", "--data", str(REPO / "data" / "tinyshakespeare.txt"),
                         "--name", "shakespeare-2x256", "--layers", "2", "--hidden", "256", "--max-steps", "300",
                         "--eval-every", "300", "--precision", "bf16", "--model-store", str(store),
                         "--run-dir", str(REPO / "runs" / "bench-2x256"), "--overwrite"],

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from charrnn.model import CharRNN
+from charrnn.engine import Engine
 
 KINDS = ("cell", "hidden")
 
@@ -27,55 +26,21 @@ class Trace:
     top_probs: np.ndarray  # (T, k) float32
 
 
-def _layer(model: CharRNN, layer: int) -> nn.Module:
-    """Layer `layer` of the model's stacked RNN as a one-layer module of the same kind (weights shared)."""
-    rnn = model.rnn
-    single = type(rnn)(rnn.input_size if layer == 0 else rnn.hidden_size, rnn.hidden_size, num_layers=1,
-                       batch_first=True)
-    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-        setattr(single, f"{name}_l0", getattr(rnn, f"{name}_l{layer}"))
-    return single
+def trace(engine: Engine, ids: list[int], layer: int, kind: str = "cell", top_k: int = 5) -> Trace:
+    """Read `ids` from the zero state; return `layer`'s activations and the top-k predictions per character.
 
-
-def _cells(model: CharRNN, layer: int, inputs: Tensor, hs: Tensor) -> Tensor:
-    """The LSTM cell states of `layer` over time, recomputed from its inputs and outputs.
-
-    `nn.LSTM` returns only the last cell state; the gates of every step follow from the input and the
-    previous h in one batched product, and c is then a cheap elementwise scan.
+    The numbers are the served model's own: the engine that generates text computes them.
     """
-    rnn = model.rnn
-    w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
-    bias = getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}")
-    h_prev = torch.cat([torch.zeros_like(hs[:1]), hs[:-1]])
-    gates = inputs @ w_ih.T + h_prev @ w_hh.T + bias  # (T, 4H): i, f, g, o
-    i, f, g, _ = gates.chunk(4, dim=1)
-    keep, write = torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g)
-    c = torch.zeros_like(hs[0])
-    out = torch.empty_like(hs)
-    for t in range(hs.shape[0]):
-        c = keep[t] * c + write[t]
-        out[t] = c
-    return out
-
-
-@torch.inference_mode()
-def trace(model: CharRNN, ids: list[int], layer: int, kind: str = "cell", top_k: int = 5) -> Trace:
-    """Read `ids` from the zero state; return `layer`'s activations and the top-k predictions per character."""
-    cfg = model.config
+    cfg = engine.config
     if not 0 <= layer < cfg.layers:
         raise ValueError(f"layer must be in 0..{cfg.layers - 1}, not {layer}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     if kind == "cell" and cfg.cell != "lstm":
         raise ValueError(f"only an LSTM has a cell state; this model is a {cfg.cell.upper()}, use kind 'hidden'")
-    x = model.embedding(torch.tensor(ids, dtype=torch.long))  # (T, E)
-    for index in range(cfg.layers):
-        out, _ = _layer(model, index)(x[None])
-        hs = out[0]  # (T, H)
-        if index == layer:
-            acts = torch.tanh(_cells(model, index, x, hs)) if kind == "cell" else hs
-        x = hs
-    probs = torch.softmax(model.head(x), dim=-1)
+    h, c, logits = engine.trace(ids, layer)
+    acts = torch.tanh(c) if kind == "cell" else h
+    probs = torch.softmax(logits, dim=-1)
     top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
     return Trace(acts.numpy().astype(np.float32), top.indices.numpy(), top.values.numpy().astype(np.float32))
 

@@ -1,8 +1,9 @@
 """The character-level RNN: embedding -> LSTM/GRU/RNN -> linear to the vocabulary.
 
-This module imports only torch, so the trainer, the offline sampler and the server share it.
-The recurrent state is passed in and returned (like the post's `rnn.step(x)`), never kept inside
-the module, so one model serves many sessions.
+This module imports only torch. The trainer trains it (`nn.LSTM`, fast over whole sequences); everything
+that runs a trained model reads its weights through `charrnn.engine.Engine`. The recurrent state is passed
+in and returned (like the post's `rnn.step(x)`), never kept inside the module, so one model serves many
+sessions.
 """
 
 from __future__ import annotations
@@ -89,83 +90,3 @@ class CharRNN(nn.Module):
 def detach_state(state: State) -> State:
     """Cut the graph between truncated-BPTT chunks while keeping the values."""
     return tuple(s.detach() for s in state)
-
-
-class Stepper:
-    """One-character decoding steps for a batch of independent sequences.
-
-    `nn.LSTM` called with one time step reorders its weights on every call, which dominates at small batch.
-    The cells are written out here with the input and recurrent weights fused into one matrix per layer, so a
-    step is one matrix product per layer plus the output layer. Results equal `CharRNN.forward` up to float
-    rounding.
-
-    `precision="bf16"` keeps the weights in bfloat16 and multiplies in bfloat16 (states stay fp32): half the
-    memory traffic, and on CPUs with bf16 units about twice the batched throughput. Both precisions give
-    each row a result that does not depend on the other rows of the batch.
-    """
-
-    def __init__(self, model: CharRNN, precision: str = "fp32"):
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
-        cfg = model.config
-        self.config = cfg
-        self.precision = precision
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.dtype = dtype
-        self.embedding = model.embedding.weight.detach().to(dtype)
-        self.layers: list[tuple[Tensor, ...]] = []
-        for layer in range(cfg.layers):
-            w_ih = getattr(model.rnn, f"weight_ih_l{layer}").detach()
-            w_hh = getattr(model.rnn, f"weight_hh_l{layer}").detach()
-            b_ih = getattr(model.rnn, f"bias_ih_l{layer}").detach()
-            b_hh = getattr(model.rnn, f"bias_hh_l{layer}").detach()
-            # (out, in) layout: F.linear on it is the fast kernel at batch 1 (a plain GEMV).
-            if cfg.cell == "gru":  # the reset gate multiplies only the recurrent part of n, so keep them apart
-                self.layers.append((w_ih.to(dtype).contiguous(), b_ih.to(dtype), w_hh.to(dtype).contiguous(),
-                                    b_hh.to(dtype)))
-            else:
-                self.layers.append((torch.cat([w_ih, w_hh], dim=1).to(dtype).contiguous(), (b_ih + b_hh).to(dtype)))
-        self.head_w = model.head.weight.detach().to(dtype).contiguous()  # (V, H)
-        self.head_b = model.head.bias.detach().to(dtype)
-
-    @torch.inference_mode()
-    def step(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
-        """ids (B,) -> fp32 logits (B, V) for the next character, and the (fp32) state after `ids`."""
-        dt = self.dtype
-        x = self.embedding[ids]  # (B, E)
-        cell = self.config.cell
-        if cell == "lstm":
-            h, c = state
-            hs, cs = [], []
-            for layer, (w, b) in enumerate(self.layers):
-                gates = F.linear(torch.cat([x, h[layer].to(dt)], dim=1), w, b).float()  # (B, 4H): i, f, g, o
-                i, f, g, o = gates.chunk(4, dim=1)
-                c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
-                h_new = torch.sigmoid(o) * torch.tanh(c_new)
-                hs.append(h_new)
-                cs.append(c_new)
-                x = h_new.to(dt)
-            new_state: State = (torch.stack(hs), torch.stack(cs))
-        elif cell == "gru":
-            (h,) = state
-            hs = []
-            for layer, (w_i, b_i, w_h, b_h) in enumerate(self.layers):
-                gi = F.linear(x, w_i, b_i).float()  # (B, 3H): r, z, n
-                gh = F.linear(h[layer].to(dt), w_h, b_h).float()
-                ir, iz, in_ = gi.chunk(3, dim=1)
-                hr, hz, hn = gh.chunk(3, dim=1)
-                r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-                n = torch.tanh(in_ + r * hn)
-                h_new = (1 - z) * n + z * h[layer]
-                hs.append(h_new)
-                x = h_new.to(dt)
-            new_state = (torch.stack(hs),)
-        else:
-            (h,) = state
-            hs = []
-            for layer, (w, b) in enumerate(self.layers):
-                h_new = torch.tanh(F.linear(torch.cat([x, h[layer].to(dt)], dim=1), w, b).float())
-                hs.append(h_new)
-                x = h_new.to(dt)
-            new_state = (torch.stack(hs),)
-        return F.linear(x, self.head_w, self.head_b).float(), new_state

@@ -22,3 +22,34 @@ def reexec_with_allocator_env(argv: list[str]) -> None:
     env = {**os.environ, **ALLOCATOR_ENV, "CHARRNN_NO_REEXEC": "1"}
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """The CPU limit of this process's cgroup (a container's `--cpus`), or None when there is none."""
+    try:  # cgroup v2: "max 100000" or "150000 100000"
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+        period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (rounded down, at least 1).
+
+    `os.cpu_count()` and torch's default thread count see every CPU of the host, also inside a container
+    limited to two of them, where that many threads would wait on each other.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    return max(1, cpus)

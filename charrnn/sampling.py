@@ -1,18 +1,16 @@
-"""Sampling: a pure function from logits to next characters, and the offline generator built on it.
+"""Sampling: a pure function from logits to next characters.
 
-The server reuses `sample_next`, so the offline sampler and the service draw characters the same way.
+The server and the offline sampler (`Engine.generate`) both call `sample_next`, so they draw characters the
+same way.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-from charrnn.model import CharRNN, State
-from charrnn.vocab import Vocab
 
 
 Param = float | int | None | Sequence[float | int | None]
@@ -78,42 +76,3 @@ def sample_next(
     if any(greedy_rows):
         drawn = torch.where(torch.tensor(greedy_rows, device=device), logits.argmax(dim=-1), drawn)
     return drawn
-
-
-def start_ids(vocab: Vocab, prime: str, skip_unknown: bool = False) -> list[int]:
-    """The ids that warm the state: the prime, or a newline when the prime is empty."""
-    ids = vocab.encode(prime, skip_unknown=skip_unknown).tolist()
-    if not ids:
-        ids = [vocab.index.get("\n", 0)]
-    return ids
-
-
-@torch.inference_mode()
-def generate(
-    model: CharRNN,
-    vocab: Vocab,
-    prime: str = "",
-    length: int = 200,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    skip_unknown: bool = False,
-    state: State | None = None,
-) -> Iterator[str]:
-    """Yield `length` characters, one at a time, continuing `prime`.
-
-    The prime warms the state character by character, as in the post; an empty prime starts from a newline.
-    """
-    device = model.head.weight.device
-    generator = random.Random(seed)  # seed None: from the OS
-    ids = start_ids(vocab, prime, skip_unknown)
-    if state is None:
-        state = model.init_state(1)
-    logits = None
-    for i in ids:
-        logits, state = model(torch.tensor([[i]], device=device), state)
-    for _ in range(length):
-        next_id = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        yield vocab.chars[int(next_id)]
-        logits, state = model(next_id.view(1, 1), state)

@@ -42,7 +42,7 @@ def train_command(corpus: str, data_dir: Path, gpu: bool, rerun: bool = False) -
     r = recipe(corpus)
     options = {**r["train"], **(r.get("gpu", {}) if gpu else {})}
     name = r["name"] + ("-rerun" if rerun else "")
-    argv = [sys.executable, "-m", "charrnn", "train", "--data", str(data_dir / r["data"]), "--name", name,
+    argv = [sys.executable, "-m", "cli", "train", "--data", str(data_dir / r["data"]), "--name", name,
             "--overwrite"]
     if rerun:
         argv += ["--model-store", str(RESULTS / "store")]

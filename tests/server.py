@@ -33,7 +33,7 @@ class Server:
         defaults = {"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": "tiny", "CHARRNN_THREADS": "1"}
         inherited = {k: v for k, v in os.environ.items() if test_defaults or not k.startswith("CHARRNN_")}
         self.env = {**inherited, **(defaults if test_defaults else {}), **(env or {})}
-        self.command = command or [sys.executable, "-m", "charrnn", "serve", "--host", "127.0.0.1",
+        self.command = command or [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1",
                                    "--port", str(self.port), "--log-level", "warning"]
         self.log_path = log or store.parent / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None

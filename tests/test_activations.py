@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from charrnn.activations import interesting_units, text_features, trace
-from charrnn.model import CharRNN, ModelConfig, Stepper
+from charrnn.engine import Engine
+from charrnn.model import CharRNN, ModelConfig
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -15,32 +16,36 @@ def test_trace_equals_stepping_one_character_at_a_time(cell):
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=11, cell=cell, layers=3, hidden=24, embed=8)).eval()
     ids = torch.randint(0, 11, (40,)).tolist()
-    stepper = Stepper(model, "fp32")
-    state = model.init_state(1)
+    engine = Engine(model, "fp32")
+    state = engine.init_state(1)
     hs, cs, probs = [], [], []
     for i in ids:
-        logits, state = stepper.step(torch.tensor([i]), state)
+        logits, state = engine.step(torch.tensor([i]), state)
         hs.append(state[0][:, 0].clone())
         if cell == "lstm":
             cs.append(state[1][:, 0].clone())
         probs.append(torch.softmax(logits[0], -1))
     for layer in range(3):
-        got = trace(model, ids, layer, "hidden")
-        assert np.allclose(got.activations, torch.stack(hs)[:, layer].numpy(), atol=1e-5)
+        got = trace(engine, ids, layer, "hidden")
+        assert np.array_equal(got.activations, torch.stack(hs)[:, layer].numpy())
         if cell == "lstm":
-            got_c = trace(model, ids, layer, "cell")
-            assert np.allclose(got_c.activations, torch.tanh(torch.stack(cs)[:, layer]).numpy(), atol=1e-5)
+            got_c = trace(engine, ids, layer, "cell")
+            assert np.array_equal(got_c.activations, torch.tanh(torch.stack(cs)[:, layer]).numpy())
     top = torch.stack(probs).topk(5, dim=-1)
     assert (got.top_ids == top.indices.numpy()).all()
-    assert np.allclose(got.top_probs, top.values.numpy(), atol=1e-5)
+    assert np.allclose(got.top_probs, top.values.numpy(), atol=1e-6)
+    # and what the trained model computes, to float rounding
+    with torch.no_grad():
+        expected, _ = model(torch.tensor([ids]))
+    assert np.allclose(got.top_probs, torch.softmax(expected[0], -1).topk(5, dim=-1).values.numpy(), atol=1e-5)
 
 
 def test_trace_rejects_bad_layer_and_kind():
-    model = CharRNN(ModelConfig(vocab_size=5, cell="gru", layers=2, hidden=8, embed=4))
+    engine = Engine(CharRNN(ModelConfig(vocab_size=5, cell="gru", layers=2, hidden=8, embed=4)), "fp32")
     with pytest.raises(ValueError, match="layer"):
-        trace(model, [1, 2], 2)
+        trace(engine, [1, 2], 2)
     with pytest.raises(ValueError, match="cell state"):
-        trace(model, [1, 2], 0, "cell")
+        trace(engine, [1, 2], 0, "cell")
 
 
 def test_text_features_follow_lines_quotes_and_speakers():

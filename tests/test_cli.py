@@ -16,7 +16,7 @@ def charrnn(*args: str, cwd: Path = REPO, env_extra: dict | None = None) -> subp
     import os
 
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "charrnn", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=120)
 
 
@@ -99,7 +99,7 @@ def test_info_prints_the_header(trained):
 def test_console_script_sets_the_allocator_variables():
     script = Path(sys.executable).parent / "charrnn"
     code = "import os; print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), os.environ.get('MALLOC_TRIM_THRESHOLD_'))"
-    # `charrnn` re-executes itself as `python -m charrnn`; check the variables reach that process.
+    # `charrnn` re-executes itself as `python -m cli`; check the variables reach that process.
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "train" in proc.stdout
     from charrnn.runtime import ALLOCATOR_ENV

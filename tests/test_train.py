@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from charrnn.checkpoint import load_model, read_metadata
-from charrnn.sampling import generate
+from charrnn.engine import Engine
 from training.data import DataError
 from training.resume import RESUME_FILE
 from training.train import config_from_resume, train
@@ -24,7 +24,7 @@ def test_tiny_model_overfits_a_repeated_string_and_greedy_sampling_reproduces_it
     result = train(cfg)
     assert result.best_val < 0.05  # nats/char: essentially memorised
     model, vocab, info = load_model(result.checkpoint)
-    text = "".join(generate(model, vocab, prime="the quick", length=len(phrase) * 2, temperature=0))
+    text = "".join(Engine(model).generate(vocab, prime="the quick", length=len(phrase) * 2, temperature=0))
     assert text == (phrase * 3)[len("the quick") : len("the quick") + len(phrase) * 2]
     assert info.training["best_val_loss"] == pytest.approx(result.best_val)
 
@@ -36,7 +36,12 @@ def test_run_writes_log_loss_curve_and_checkpoint_facts(tmp_path, shakespeare_sl
     entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries if e["type"] == "val"] == [5, 10]
     assert all(e["val_bpc"] == pytest.approx(e["val_loss"] / 0.6931471805599453) for e in entries if e["type"] == "val")
-    assert [len(e["text"]) for e in entries if e["type"] == "sample"] == [30]
+    samples = [e["text"] for e in entries if e["type"] == "sample"]
+    assert [len(text) for text in samples] == [30]
+    # drawn by the inference engine with dropout off: exactly what the step-10 checkpoint gives when served
+    assert result.best_step == 10
+    model, vocab, _ = load_model(result.checkpoint)
+    assert samples[0] == "".join(Engine(model).generate(vocab, "", 30, temperature=1.0, seed=cfg.seed))
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     facts = read_metadata(result.checkpoint).training
     assert facts["data_file"] == "slice.txt" and len(facts["data_sha256"]) == 64
@@ -90,7 +95,7 @@ def test_unicode_text_trains_and_round_trips(tmp_path):
     result = train(tiny_config(tmp_path, data, name="uni", max_steps=30, eval_every=10, lr=1e-2, dropout=0.0))
     model, vocab, _ = load_model(result.checkpoint)
     assert {"東", "Ω", "é", "—"} <= set(vocab.chars)
-    out = "".join(generate(model, vocab, prime="東京", length=50, temperature=1.0, seed=0))
+    out = "".join(Engine(model).generate(vocab, prime="東京", length=50, temperature=1.0, seed=0))
     assert len(out) == 50 and set(out) <= set(vocab.chars)
 
 
@@ -117,7 +122,8 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tmp_path, shakespeare_slice
 def test_seeded_sampling_is_repeatable(tmp_path, shakespeare_slice):
     result = train(tiny_config(tmp_path, shakespeare_slice, max_steps=5, eval_every=5))
     model, vocab, _ = load_model(result.checkpoint)
-    a = "".join(generate(model, vocab, "ROMEO:", 80, temperature=1.0, seed=42))
-    b = "".join(generate(model, vocab, "ROMEO:", 80, temperature=1.0, seed=42))
-    c = "".join(generate(model, vocab, "ROMEO:", 80, temperature=1.0, seed=43))
+    engine = Engine(model)
+    a = "".join(engine.generate(vocab, "ROMEO:", 80, temperature=1.0, seed=42))
+    b = "".join(engine.generate(vocab, "ROMEO:", 80, temperature=1.0, seed=42))
+    c = "".join(engine.generate(vocab, "ROMEO:", 80, temperature=1.0, seed=43))
     assert a == b and a != c

@@ -16,6 +16,7 @@ import numpy as np
 
 from charrnn.activations import text_features, trace
 from charrnn.checkpoint import load_model
+from charrnn.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2000)
     args = parser.parse_args()
     model, vocab, _ = load_model(args.model)
+    engine = Engine(model)  # the server's engine and precision, as POST /inspect
     text = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     val = text[int(len(text) * 0.9):]
     chunks = [val[i:i + args.chunk] for i in range(0, len(val) - args.chunk + 1, args.chunk)]
@@ -34,7 +36,7 @@ def main() -> None:
         layer, kind, unit = spec.split(":")
         acts, feats = [], {}
         for chunk in chunks:
-            acts.append(trace(model, [vocab.index[c] for c in chunk], int(layer), kind).activations[:, int(unit)])
+            acts.append(trace(engine, [vocab.index[c] for c in chunk], int(layer), kind).activations[:, int(unit)])
             for name, values in text_features(chunk).items():
                 feats.setdefault(name, []).append(values)
         a = np.concatenate(acts)

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     args = parser.parse_args()
     units = args.unit or ["0:cell:92"]
-    serve = [sys.executable, "-m", "charrnn", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
+    serve = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
     with ServerProcess(serve, env={"CHARRNN_MODEL_STORE": str(REPO / "model_store")}) as server, \
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from charrnn.checkpoint import default_model_store, model_path, save_model, validate_model_name
 from charrnn.model import CharRNN, ModelConfig, State, detach_state
-from charrnn.sampling import generate
+from charrnn.engine import Engine
 from charrnn.vocab import Vocab
 from training.data import Batches, DataError, encode_corpus, load_text, split, val_batches
 from training.plot import plot_losses
@@ -299,8 +299,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
                 bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: val {val_loss:.4f} nats/char "
                           f"({bits(val_loss):.3f} bits/char), best {best_val:.4f}")
             if cfg.sample_every and step % cfg.sample_every == 0:
-                text = "".join(generate(model, vocab, "", cfg.sample_length, temperature=1.0, seed=cfg.seed))
-                model.train()
+                # drawn by the inference engine from the current weights: no dropout, as the server would
+                engine = Engine(model)
+                text = "".join(engine.generate(vocab, "", cfg.sample_length, temperature=1.0, seed=cfg.seed))
                 write_log({"type": "sample", "step": step, "temperature": 1.0, "text": text})
                 bar.write(f"--- sample at step {step} ---\n{text}\n---")
     except KeyboardInterrupt:

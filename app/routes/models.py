@@ -11,10 +11,10 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 
 def describe(lm: LoadedModel) -> ModelInfo:
-    cfg, training = lm.model.config, lm.info.training
+    cfg, training = lm.config, lm.info.training
     return ModelInfo(
         name=lm.name, cell=cfg.cell, layers=cfg.layers, hidden=cfg.hidden, embed=cfg.embed,
-        parameters=lm.model.num_parameters(), vocab_size=len(lm.vocab), vocabulary=lm.vocab.chars,
+        parameters=lm.parameters, vocab_size=len(lm.vocab), vocabulary=lm.vocab.chars,
         val_loss=training.get("best_val_loss"), val_bpc=training.get("best_val_bpc"),
         trained_on=training.get("data_file"), trained_steps=training.get("steps"), created=training.get("created"),
         sha256=lm.sha256,

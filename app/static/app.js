@@ -176,12 +176,13 @@ async function generate(continuing) {
   const sent = performance.now();
   let first = null;
   let count = 0;
-  const figures = setInterval(() => {
+  const showFigures = () => {
     $("count").textContent = String(count);
     if (first !== null && count > 1) {
       $("rate").textContent = `${((count - 1) / ((performance.now() - first) / 1000)).toFixed(0)} chars/s`;
     }
-  }, 200);
+  };
+  const figures = setInterval(showFigures, 200);
   try {
     const response = await fetch("/generate", {
       method: "POST",
@@ -216,7 +217,7 @@ async function generate(continuing) {
     }
   } finally {
     clearInterval(figures);
-    $("count").textContent = String(count);
+    showFigures();  // a short stream may end before the first tick
     state.controller = null;
     setRunning(false);
   }

@@ -1,4 +1,5 @@
-"""The `charrnn` command: `train`, `sample`, `evaluate`, `info` and `serve`.
+"""The `charrnn` command: `train`, `sample`, `evaluate`, `info` and `serve`, on top of the core, the trainer and the
+service.
 
     charrnn train --data input.txt --name mytext
     charrnn sample mytext --prime "ROMEO:" --temperature 0.8 --length 500 --seed 1
@@ -114,38 +115,36 @@ def sample(
     seed: Annotated[Optional[int], typer.Option(help="Same seed, same text.")] = None,
     skip_unknown: Annotated[bool, typer.Option(help="Drop prime characters the model does not know.")] = False,
     model_store: Annotated[Optional[Path], typer.Option(help="Checkpoint folder [default: $CHARRNN_MODEL_STORE or model_store/].")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="auto (bf16 where the CPU has bf16 units, as the server), fp32 or bf16.")] = "auto",
 ) -> None:
-    """Generate text from a trained model, streaming characters to stdout as they are drawn."""
+    """Generate text from a trained model, streaming characters to stdout as they are drawn.
+
+    The same engine, sampling and seed handling as the server: with the same precision, the same seed
+    gives the same text here and from `POST /generate`.
+    """
     import math
 
     from charrnn.checkpoint import CheckpointError, load_model
-    from charrnn.sampling import generate
+    from charrnn.engine import Engine
     from charrnn.vocab import UnknownCharactersError
 
     if not math.isfinite(temperature):
         _fail("--temperature must be a finite number")
     path = _resolve_checkpoint(model, model_store)
     try:
-        import torch
-
-        if device not in ("auto", "cpu", "cuda"):
-            _fail(f"--device must be auto, cpu or cuda, not {device!r}")
-        if device == "cuda" and not torch.cuda.is_available():
-            _fail("--device cuda was asked for, but no CUDA device is available")
-        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        net, vocab, _ = load_model(path, device=dev)
+        net, vocab, _ = load_model(path)
+        engine = Engine(net, precision)
         missing = [] if skip_unknown else vocab.unknown(prime)
         if missing:  # refuse before anything is written to stdout
             raise UnknownCharactersError(missing)
         sys.stdout.write(prime)
-        for char in generate(net, vocab, prime, length, temperature, top_k, top_p, seed, skip_unknown):
+        for char in engine.generate(vocab, prime, length, temperature, top_k, top_p, seed, skip_unknown):
             sys.stdout.write(char)
             sys.stdout.flush()
         sys.stdout.write("\n")
     except UnknownCharactersError as e:
         _fail(f"the prime has {e}; pass --skip-unknown to drop them")
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         _fail(str(e))
 
 
@@ -227,7 +226,7 @@ def serve(
 
 def main() -> None:
     """Console entry point: set the allocator variables (re-exec once), then run the command."""
-    reexec_with_allocator_env(["-m", "charrnn", *sys.argv[1:]])
+    reexec_with_allocator_env(["-m", "cli", *sys.argv[1:]])
     app(prog_name="charrnn")
 
 

@@ -1,0 +1,135 @@
+"""Batch invariance as a property: a row's result never depends on the rows around it.
+
+For every batch size from 1 to 64 and a spread up to 256, with random states, random inputs and the row at
+random positions, each row's logits, state and sampled character equal those of the row stepped alone, bit
+for bit, for every precision the server may choose on this machine and at the thread counts it uses.
+Reading primes is held to the same standard with hypothesis: any prompts, read together or alone, in one
+piece or cut anywhere, from any state.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.settings import Settings
+from charrnn.checkpoint import load_model
+from charrnn.engine import Engine, resolve_precision
+from charrnn.model import CharRNN, ModelConfig
+from charrnn.sampling import sample_next
+from conftest import REPO
+
+# fp32 can always be chosen (CHARRNN_DECODE_PRECISION=fp32); bf16 where the CPU has bf16 units ("auto").
+PRECISIONS = sorted({"fp32", resolve_precision("auto")})
+# What the server runs with here (derived from the CPUs it may use), and two threads as on a bigger machine.
+THREADS = sorted({Settings().decode_threads(), 2})
+SIZES = list(range(1, 65)) + [80, 100, 128, 160, 200, 256]
+
+
+@pytest.fixture(scope="module")
+def bundled() -> CharRNN:
+    model, _, _ = load_model(REPO / "model_store" / "shakespeare.safetensors")
+    return model
+
+
+def small_models() -> dict[str, CharRNN]:
+    """Other cells, with hidden sizes that leave remainders past whole vector registers."""
+    torch.manual_seed(0)
+    return {f"{cell}-{hidden}": CharRNN(ModelConfig(vocab_size=30, cell=cell, layers=2, hidden=hidden, embed=12))
+            for cell, hidden in (("gru", 100), ("rnn", 48), ("lstm", 36))}
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def random_batch(engine: Engine, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    L, H, V = engine.config.layers, engine.config.hidden, engine.head.weight.shape[0]
+    ids = torch.randint(0, V, (batch,), generator=gen)
+    h = torch.rand(L, batch, H, generator=gen) * 2 - 1  # h lies in (-1, 1)
+    state = (h, torch.randn(L, batch, H, generator=gen) * 3)[: engine.state_size]
+    return ids, state
+
+
+def check_every_size(engine: Engine, sizes: list[int], rows_per_size: int = 3) -> None:
+    gen = torch.Generator().manual_seed(1234)
+    pick = random.Random(99)
+    for B in sizes:
+        ids, state = random_batch(engine, B, gen)
+        logits, new_state = engine.step(ids, state)
+        # per-row sampling settings and generators, as the decoder passes them
+        temps = [pick.choice([0.0, 0.5, 1.0, 1.7]) for _ in range(B)]
+        top_ks = [pick.choice([None, 1, 5, 40]) for _ in range(B)]
+        top_ps = [pick.choice([None, 0.5, 0.9]) for _ in range(B)]
+        seeds = [pick.randrange(1 << 30) for _ in range(B)]
+        chosen = sample_next(logits, temps, top_ks, top_ps, [random.Random(s) for s in seeds]).tolist()
+        for r in {0, B - 1, *(pick.randrange(B) for _ in range(rows_per_size - 2))}:
+            alone_logits, alone_state = engine.step(ids[r : r + 1], tuple(t[:, r : r + 1].clone() for t in state))
+            where = f"row {r} of a batch of {B} ({engine.precision}, {torch.get_num_threads()} threads)"
+            assert torch.equal(alone_logits[0], logits[r]), f"logits differ: {where}"
+            for a, b in zip(alone_state, new_state):
+                assert torch.equal(a[:, 0], b[:, r]), f"state differs: {where}"
+            alone_char = sample_next(alone_logits, temps[r], top_ks[r], top_ps[r], random.Random(seeds[r]))
+            assert int(alone_char) == chosen[r], f"sampled character differs: {where}"
+
+
+@pytest.mark.parametrize("threads", THREADS, indirect=True)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_bundled_model_step_is_batch_invariant_at_every_size(bundled, precision, threads):
+    check_every_size(Engine(bundled, precision), SIZES)
+
+
+@pytest.mark.parametrize("threads", THREADS, indirect=True)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_other_cells_and_sizes_are_batch_invariant(precision, threads):
+    for model in small_models().values():
+        check_every_size(Engine(model, precision), SIZES, rows_per_size=2)
+
+
+prompts = st.lists(st.lists(st.integers(0, 64), max_size=40), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompts=prompts, cuts=st.lists(st.integers(1, 39), max_size=4), seed=st.integers(0, 2**31 - 1),
+       precision=st.sampled_from(PRECISIONS))
+def test_a_prime_reads_the_same_alone_together_and_in_pieces(bundled, prompts, cuts, seed, precision):
+    engine = engine_for(bundled, precision)
+    gen = torch.Generator().manual_seed(seed)
+    starts = [None if i % 2 else random_batch(engine, 1, gen)[1] for i in range(len(prompts))]
+    together, _ = engine.read(prompts, starts)
+    for prompt, start, state in zip(prompts, starts, together):
+        alone, _ = engine.read([prompt], [start])
+        # the same prompt cut into pieces, each read from the state the last one left
+        pieces, last = [], 0
+        for cut in sorted(set(c for c in cuts if c < len(prompt))) + [len(prompt)]:
+            pieces.append(prompt[last:cut])
+            last = cut
+        sliced = start
+        for piece in pieces:
+            (sliced,), _ = engine.read([piece], [sliced])
+        for a, b, c in zip(state, alone[0], sliced):
+            assert torch.equal(a, b) and torch.equal(a, c)
+    # and reading equals stepping: the last prompt, one character at a time
+    state = starts[-1] if starts[-1] is not None else engine.init_state(1)
+    for i in prompts[-1]:
+        _, state = engine.step(torch.tensor([i]), state)
+    assert all(torch.equal(a, b) for a, b in zip(state, together[-1]))
+
+
+_engines: dict[tuple[int, str], Engine] = {}
+
+
+def engine_for(model: CharRNN, precision: str) -> Engine:
+    """One engine per model and precision across hypothesis examples (packing the weights takes a moment)."""
+    key = (id(model), precision)
+    if key not in _engines:
+        _engines[key] = Engine(model, precision)
+    return _engines[key]
