@@ -231,8 +231,8 @@ class Decoder:
     def _read_primes(self, budget_s: float) -> None:
         """In the decode thread: read the next slice of every waiting prime, sized to take about `budget_s`."""
         with self._cond:
-            jobs = [job for job in self._primes if not job.future.done()]  # done: the request was cancelled
-            self._primes = jobs
+            self._primes = [job for job in self._primes if not job.future.done()]  # done: the request left
+            jobs = list(self._primes)  # primes that arrive meanwhile wait for the next slice
         if not jobs:
             return
         chars = max(1, min(MAX_PRIME_SLICE, int(budget_s / self._prime_step_s)))

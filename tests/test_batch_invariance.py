@@ -9,6 +9,7 @@ piece or cut anywhere, from any state.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -133,3 +134,104 @@ def engine_for(model: CharRNN, precision: str) -> Engine:
     if key not in _engines:
         _engines[key] = Engine(model, precision)
     return _engines[key]
+
+
+# --- the same promise at the server: the reproduction from the issue, with the bundled model ---
+
+QUEEN = {"prime": "QUEEN:", "temperature": 0.9, "max_chars": 300, "seed": 1234}
+
+
+def crowd(i: int, **overrides) -> dict:
+    return {"prime": "A" * (i % 5 + 1), "temperature": 1.0, "max_chars": 300, "seed": i, **overrides}
+
+
+@pytest.fixture(scope="module")
+def bundled_server(tmp_path_factory):
+    """`charrnn serve` with default settings serving only the bundled model."""
+    from server import Server
+
+    store = tmp_path_factory.mktemp("bundled")
+    (store / "shakespeare.safetensors").symlink_to(REPO / "model_store" / "shakespeare.safetensors")
+    srv = Server(store, env={"CHARRNN_MODEL_STORE": str(store)}, test_defaults=False).start()
+    yield srv
+    srv.stop()
+
+
+async def stream_text(client, body: dict) -> str:
+    from httpx_sse import aconnect_sse
+
+    chars = []
+    async with aconnect_sse(client, "POST", "/generate", json=body) as source:
+        assert source.response.status_code == 200
+        async for event in source.aiter_sse():
+            if event.event == "token":
+                chars.append(json.loads(event.data)["char"])
+            assert event.event != "error", event.data
+    return "".join(chars)
+
+
+async def together(url: str, bodies: list[dict]) -> list[str]:
+    """Start every stream at once; their texts in order."""
+    import asyncio
+
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        return await asyncio.gather(*(stream_text(client, body) for body in bodies))
+
+
+def solo(server, body: dict) -> str:
+    from server import generate
+
+    with server.client(timeout=120) as c:
+        return generate(c, **body)["text"]
+
+
+def test_seeded_stream_gives_the_same_text_alone_and_among_15_others_20_times_in_20(bundled_server):
+    import asyncio
+
+    alone = solo(bundled_server, QUEEN)
+    assert len(alone) == 300
+    for repetition in range(20):
+        texts = asyncio.run(together(bundled_server.url, [QUEEN] + [crowd(i) for i in range(15)]))
+        assert texts[0] == alone, f"repetition {repetition}: differs at character " \
+            f"{next(i for i, (a, b) in enumerate(zip(texts[0], alone)) if a != b)}"
+    assert bundled_server.metric("charrnn_decode_batch_size_sum") > bundled_server.metric(
+        "charrnn_decode_batch_size_count") * 4  # the streams really were stepped together
+
+
+def test_seeded_stream_is_unchanged_while_the_batch_shrinks_through_every_size(bundled_server):
+    import asyncio
+
+    alone = solo(bundled_server, QUEEN)
+    # the others end one by one (after 18, 36, ... 270 characters): the batch passes through 16, 15, ... 1
+    others = [crowd(i, max_chars=18 * (i + 1)) for i in range(15)]
+    texts = asyncio.run(together(bundled_server.url, [QUEEN] + others))
+    assert texts[0] == alone
+    assert [len(t) for t in texts[1:]] == [18 * (i + 1) for i in range(15)]
+    for body, text in zip(others[:3], texts[1:4]):  # the leavers got their own solo texts too
+        assert text == solo(bundled_server, body)
+
+
+def test_seeded_text_is_unchanged_beside_long_primes_and_a_long_prime_reads_the_same(bundled_server):
+    import asyncio
+
+    import httpx
+
+    long_prime = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:4000]
+    long_body = {"prime": long_prime, "temperature": 1.0, "max_chars": 80, "seed": 7}
+    alone, long_alone = solo(bundled_server, QUEEN), solo(bundled_server, long_body)
+
+    async def scenario() -> tuple[list[str], str]:
+        async with httpx.AsyncClient(base_url=bundled_server.url, timeout=120) as client:
+            async def flood() -> None:  # long primes back to back, as the issue's reproduction
+                for _ in range(3):
+                    r = await client.post("/generate", json={"prime": long_prime, "max_chars": 1, "stream": False})
+                    assert r.status_code == 200
+
+            streams = asyncio.gather(*(stream_text(client, b) for b in [QUEEN, long_body, crowd(1), crowd(2)]))
+            texts, _ = await asyncio.gather(streams, flood())
+            return texts
+
+    texts = asyncio.run(scenario())
+    assert texts[0] == alone and texts[1] == long_alone
