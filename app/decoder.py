@@ -44,6 +44,11 @@ class SamplingParams:
 LOOKAHEAD = 3  # characters computed ahead of delivery, per stream
 COALESCE_ABOVE = 16  # with more streams than this, characters go out two per write
 STRAGGLER_WAIT_S = 0.001  # how long a step waits for streams whose client is a little behind
+# Primes and running streams share the decode thread: each step earns primes as much time as it took, and
+# up to PRIME_BURST_S is kept, so a short prime after a quiet spell is read at once (its first character
+# comes as fast as before slicing) while a stream of long primes gets about half the thread, never more
+# than PRIME_BURST_S in one go (docs/benchmarks.md, "Long primes").
+PRIME_BURST_S = 0.04
 PRIME_IDLE_SLICE_S = 0.02  # with no stream running, primes are read in slices of about this long
 MAX_PRIME_SLICE = 1024  # characters of each prime per slice, at most
 
@@ -228,13 +233,14 @@ class Decoder:
         ).tolist()
         return new_state, chosen
 
-    def _read_primes(self, budget_s: float) -> None:
-        """In the decode thread: read the next slice of every waiting prime, sized to take about `budget_s`."""
+    def _read_primes(self, budget_s: float) -> float:
+        """In the decode thread: read the next slice of every waiting prime, sized to take about `budget_s`
+        (at least one character). Returns the seconds it took."""
         with self._cond:
             self._primes = [job for job in self._primes if not job.future.done()]  # done: the request left
             jobs = list(self._primes)  # primes that arrive meanwhile wait for the next slice
         if not jobs:
-            return
+            return 0.0
         chars = max(1, min(MAX_PRIME_SLICE, int(budget_s / self._prime_step_s)))
         pieces = [job.ids[job.done : job.done + chars] for job in jobs]
         self.metrics.prime_batch_size.observe(len(jobs))
@@ -265,6 +271,7 @@ class Decoder:
                     job.future.set_result(job.state)
 
         self._loop.call_soon_threadsafe(deliver)
+        return time.perf_counter() - started
 
     def _next_group(self) -> list[Stream] | None:
         """Wait for ready streams or primes (None: closed and idle). An empty list: only primes are waiting.
@@ -291,7 +298,7 @@ class Decoder:
                 self._cond.wait()
 
     def _run(self) -> None:
-        step_s = 0.0  # how long the last decode step took
+        credit = PRIME_BURST_S  # decode-thread time primes may take while streams run (see PRIME_BURST_S)
         while (ready := self._next_group()) is not None:
             if ready:
                 started = time.perf_counter()
@@ -307,12 +314,14 @@ class Decoder:
                     for j, (s, char_id) in enumerate(zip(group, chosen)):
                         s.computed = (Row(new_state, j), char_id)
                     self._loop.call_soon_threadsafe(self._deliver, group, new_state, chosen)
-                step_s = time.perf_counter() - started
-            if self._primes:
-                # While streams run, primes get as much of this thread as a step takes (and the moments when
-                # no stream is ready); with none running, slices of PRIME_IDLE_SLICE_S, between which new
-                # arrivals join the reading.
-                self._read_primes(step_s if self.streams else PRIME_IDLE_SLICE_S)
+                credit = min(PRIME_BURST_S, credit + time.perf_counter() - started)
+            if not self._primes:
+                continue
+            if self.streams:  # share the thread: at most the credit (at least one character), then step again
+                credit = max(0.0, credit - self._read_primes(credit))
+            else:
+                credit = PRIME_BURST_S
+                self._read_primes(PRIME_IDLE_SLICE_S)
 
     @staticmethod
     def _deliver(group: list[Stream], new_state: State, chosen: list[int]) -> None:

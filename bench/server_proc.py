@@ -21,7 +21,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, command: list[str], env: dict[str, str] | None = None, ready_path: str = "/readyz"):
+    def __init__(self, command: list[str], env: dict[str, str] | None = None, ready_path: str = "/readyz",
+                 cwd: Path = REPO):
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [*command, "--port", str(self.port)]
@@ -30,7 +32,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
-        self.proc = subprocess.Popen(self.command, env=self.env, cwd=REPO)
+        self.proc = subprocess.Popen(self.command, env=self.env, cwd=self.cwd)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -66,12 +66,14 @@ class Linear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.packed else weight
 
     def __call__(self, x: Tensor) -> Tensor:
+        return self.raw(x).float()
+
+    def raw(self, x: Tensor) -> Tensor:
+        """The product in the compute dtype (bf16 stays bf16), for callers that add it to an fp32 tensor."""
         x = x.to(self.dtype)
         if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        else:  # not batch-invariant in general; only where PyTorch has no oneDNN
-            y = F.linear(x, self.weight, self.bias)
-        return y.float()
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)  # not batch-invariant in general; only without oneDNN
 
 
 class Layer:
@@ -86,21 +88,22 @@ class Layer:
         return self.inp[x] if isinstance(self.inp, Tensor) else self.inp(x)
 
 
-def sigmoid_(x: Tensor) -> Tensor:
-    """The logistic function, in place, as 0.5 * tanh(x / 2) + 0.5.
+def sigmoid_of_halved_(x: Tensor) -> Tensor:
+    """sigmoid(2x), in place, as 0.5 * tanh(x) + 0.5: the rows of the sigmoid gates are stored pre-halved.
 
     `torch.sigmoid` computes the elements that fill a whole vector register differently from the leftover
     ones (63 of 2,000 values differ in the last bit here), and which elements are leftovers depends on the
     batch size; `torch.tanh` gives the same bits either way, so this form keeps rows independent of the batch.
+    Halving a weight is exact, so halving the rows instead of the gate values changes no bit.
     """
-    return torch.tanh_(x.mul_(0.5)).mul_(0.5).add_(0.5)
+    return torch.tanh_(x).mul_(0.5).add_(0.5)
 
 
 def lstm_cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """PyTorch's LSTM, with the gates stored in the order i, f, o, g (see `Engine`), biases already in gi."""
     H = c.shape[1]
-    gates = gi + gh
-    ifo = sigmoid_(gates[:, : 3 * H])  # the three sigmoid gates in one call
+    gates = torch.add(gi, gh)  # fp32 (gh may be bf16)
+    ifo = sigmoid_of_halved_(gates[:, : 3 * H])  # the three sigmoid gates in one call
     g = torch.tanh(gates[:, 3 * H :])
     c = torch.addcmul(ifo[:, H : 2 * H] * c, ifo[:, :H], g)  # f * c + i * g
     return ifo[:, 2 * H :] * torch.tanh(c), c
@@ -110,13 +113,13 @@ def gru_cell(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
     """PyTorch's GRU: the reset gate scales only the recurrent part of n, so gi and gh stay apart."""
     ir, iz, in_ = gi.chunk(3, dim=1)
     hr, hz, hn = gh.chunk(3, dim=1)
-    r, z = sigmoid_(ir + hr), sigmoid_(iz + hz)
+    r, z = sigmoid_of_halved_(ir + hr), sigmoid_of_halved_(iz + hz)
     n = torch.tanh(in_ + r * hn)
     return (1 - z) * n + z * h
 
 
 def rnn_cell(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
-    return torch.tanh(gi + gh)
+    return torch.tanh(torch.add(gi, gh))
 
 
 class Engine:
@@ -135,12 +138,15 @@ class Engine:
         self.layers: list[Layer] = []
         with torch.no_grad():
             for layer in range(cfg.layers):
-                w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}").float(), getattr(rnn, f"weight_hh_l{layer}").float()
-                b_ih, b_hh = getattr(rnn, f"bias_ih_l{layer}").float(), getattr(rnn, f"bias_hh_l{layer}").float()
+                w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}").float().clone()  # ours to change
+                                          for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                H = cfg.hidden
                 if cfg.cell == "lstm":  # PyTorch's gate order i, f, g, o -> i, f, o, g: the sigmoids side by side
-                    H = cfg.hidden
                     order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
                     w_ih, w_hh, b_ih, b_hh = w_ih[order], w_hh[order], b_ih[order], b_hh[order]
+                halved = {"lstm": 3 * H, "gru": 2 * H, "rnn": 0}[cfg.cell]  # rows of sigmoid gates (i, f, o; r, z)
+                for t in (w_ih, w_hh, b_ih, b_hh):
+                    t[:halved] *= 0.5
                 if cfg.cell == "gru":  # b_hh belongs inside r * (W_hn h + b_hn)
                     in_bias, rec_bias = b_ih, b_hh
                 else:
@@ -164,7 +170,7 @@ class Engine:
 
     def _cell(self, layer: int, gi: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """One time step of one layer for the rows of gi (their input projections)."""
-        gh = self.layers[layer].rec(h)
+        gh = self.layers[layer].rec.raw(h)
         if self.config.cell == "lstm":
             return lstm_cell(gi, gh, h, c)
         return (gru_cell if self.config.cell == "gru" else rnn_cell)(gi, gh, h), None

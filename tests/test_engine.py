@@ -57,6 +57,15 @@ def test_reading_a_prompt_equals_stepping_it_bit_for_bit(cell, precision):
     assert all(torch.equal(a, b) for a, b in zip(read[1], starts[1]))  # an empty prompt keeps its state
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_building_an_engine_leaves_the_model_as_it_was(cell):
+    model = model_of(cell)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    Engine(model, "fp32")
+    Engine(model, "bf16")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_training_mode_does_not_reach_inference():
     model = model_of("lstm").train()  # dropout 0.3, as during training
     engine = Engine(model, "fp32")
