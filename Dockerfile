@@ -18,6 +18,7 @@ COPY pyproject.toml README.md ./
 COPY charrnn/ charrnn/
 COPY training/ training/
 COPY app/ app/
+COPY cli/ cli/
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 10001 charrnn
 

@@ -66,7 +66,7 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps in all.")] = None,
     seed: Annotated[int, typer.Option()] = 1337,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda [default: auto].")] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Torch CPU threads [default: torch's].")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Torch CPU threads [default: the CPUs this process may use].")] = None,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (faster on CPUs with bf16 units).")] = "fp32",
     val_frac: Annotated[float, typer.Option(help="Last fraction of the text held out for validation.")] = 0.1,
     sample_every: Annotated[Optional[int], typer.Option(help="Print and log a sample every N steps (0 = never).")] = None,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from charrnn.checkpoint import default_model_store, model_path, save_model, validate_model_name
 from charrnn.model import CharRNN, ModelConfig, State, detach_state
+from charrnn.runtime import available_cpus
 from charrnn.engine import Engine
 from charrnn.vocab import Vocab
 from training.data import Batches, DataError, encode_corpus, load_text, split, val_batches
@@ -54,7 +55,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch intra-op threads; None = torch's default
+    threads: int | None = None  # torch intra-op threads; None = the CPUs this process may use (affinity, quota)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     val_frac: float = 0.1  # last fraction of the text held out for validation
     sample_every: int = 0  # steps between printed samples (0 = never)
@@ -163,8 +164,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
             "pick another --name, or pass --overwrite to start over"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    # torch's default counts every CPU of the host, also in a container limited to fewer
+    torch.set_num_threads(cfg.threads or available_cpus())
     device = resolve_device(cfg.device)
 
     corpus = load_text(Path(cfg.data))
