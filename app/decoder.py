@@ -9,6 +9,9 @@ event loop sends the characters of the last one, so the two overlap. With many s
 for two characters at a time, so each write to the socket carries two events. What the client was sent is tracked
 apart from what was computed: the stream's committed state is always the one after its last *delivered*
 character, and characters computed but not delivered when a client leaves are dropped, never stored.
+
+Primes are read by the same thread between steps, in slices (`Decoder._read_primes`); the engine gives every
+row the same result whatever the batch and however a prime is cut, so neither affects any stream's text.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ class SamplingParams:
 LOOKAHEAD = 3  # characters computed ahead of delivery, per stream
 COALESCE_ABOVE = 16  # with more streams than this, characters go out two per write
 STRAGGLER_WAIT_S = 0.001  # how long a step waits for streams whose client is a little behind
-# Primes and running streams share the decode thread: each step earns primes as much time as it took, and
-# up to PRIME_BURST_S is kept, so a short prime after a quiet spell is read at once (its first character
-# comes as fast as before slicing) while a stream of long primes gets about half the thread, never more
-# than PRIME_BURST_S in one go (docs/benchmarks.md, "Long primes").
+# Primes and running streams share the decode thread, as clients: each step earns the waiting primes as much
+# time as it took, times (waiting primes / running streams) when that is more than one. Up to PRIME_BURST_S
+# is kept, so a short prime after a quiet spell is read at once, while a client sending long primes back to
+# back gets at most half the thread beside streams, never more than PRIME_BURST_S in one go
+# (docs/benchmarks.md, "Long primes").
 PRIME_BURST_S = 0.04
 PRIME_IDLE_SLICE_S = 0.02  # with no stream running, primes are read in slices of about this long
 MAX_PRIME_SLICE = 1024  # characters of each prime per slice, at most
@@ -175,7 +179,8 @@ class Decoder:
         self.streams: list[Stream] = []  # guarded by _cond
         self.closing = False
         self._primes: list[PrimeJob] = []  # guarded by _cond
-        self._prime_step_s = 1e-3  # measured seconds per character of a prime slice (decode thread only)
+        # measured seconds per character of a slice, by the number of primes read together (a power of two)
+        self._prime_step_s: dict[int, float] = {}
         self._cond = threading.Condition()
         self._loop = asyncio.get_running_loop()
         self.thread = threading.Thread(target=self._run, name=f"decoder-{lm.name}", daemon=True)
@@ -241,7 +246,9 @@ class Decoder:
             jobs = list(self._primes)  # primes that arrive meanwhile wait for the next slice
         if not jobs:
             return 0.0
-        chars = max(1, min(MAX_PRIME_SLICE, int(budget_s / self._prime_step_s)))
+        rows = 1 << (len(jobs) - 1).bit_length()
+        per_char = self._prime_step_s.get(rows, 1e-3 * rows)
+        chars = max(1, min(MAX_PRIME_SLICE, int(budget_s / per_char)))
         pieces = [job.ids[job.done : job.done + chars] for job in jobs]
         self.metrics.prime_batch_size.observe(len(jobs))
         started = time.perf_counter()
@@ -254,7 +261,7 @@ class Decoder:
             error = None
             longest = max(len(p) for p in pieces)
             if longest:  # seconds per character at this many primes, for the next slice's size
-                self._prime_step_s = 0.5 * self._prime_step_s + 0.5 * (time.perf_counter() - started) / longest
+                self._prime_step_s[rows] = 0.5 * per_char + 0.5 * (time.perf_counter() - started) / longest
             for job, state, piece in zip(jobs, states, pieces):
                 job.state, job.done = state, job.done + len(piece)
             finished = [job for job in jobs if job.done >= len(job.ids)]
@@ -314,7 +321,8 @@ class Decoder:
                     for j, (s, char_id) in enumerate(zip(group, chosen)):
                         s.computed = (Row(new_state, j), char_id)
                     self._loop.call_soon_threadsafe(self._deliver, group, new_state, chosen)
-                credit = min(PRIME_BURST_S, credit + time.perf_counter() - started)
+                share = max(1.0, len(self._primes) / len(self.streams))  # clients waiting for a prime vs streaming
+                credit = min(PRIME_BURST_S, credit + share * (time.perf_counter() - started))
             if not self._primes:
                 continue
             if self.streams:  # share the thread: at most the credit (at least one character), then step again

@@ -136,19 +136,20 @@ def measure(corpus: str, data_dir: Path, n_checks: int) -> dict:
     import torch
 
     from charrnn.checkpoint import load_model
-    from charrnn.sampling import generate
+    from charrnn.engine import Engine
 
     torch.set_num_threads(2)
     r = recipe(corpus)
     text = (data_dir / r["data"]).read_text(encoding="utf-8")
     path = REPO / "model_store" / f"{r['name']}.safetensors"
     model, vocab, info = load_model(path)
+    engine = Engine(model)  # the server's inference path and precision
     training = info.training
     train_cfg = training.get("train_config", {})
 
     def sample(temperature: float, length: int = SAMPLE_CHARS, seed: int = SEED, prime: str | None = None) -> str:
-        return "".join(generate(model, vocab, r["prime"] if prime is None else prime, length,
-                                temperature=temperature, seed=seed))
+        return "".join(engine.generate(vocab, r["prime"] if prime is None else prime, length,
+                                       temperature=temperature, seed=seed))
 
     result = {
         "corpus": corpus, "name": r["name"], "data_file": r["data"], "chars": len(text), "vocab": len(vocab),
@@ -331,7 +332,9 @@ def render(results: dict[str, dict]) -> str:
                     f"The trainer's `--sample-every {r['recipe'].get('sample-every')}` option logged a sample "
                     "(temperature 1, no prime) every that many steps to `runs/"
                     f"{run_name}/log.jsonl`; here those at steps {', '.join(map(str, shown))} (its best checkpoint "
-                    f"is at step {last_step:,}):", ""]
+                    f"is at step {last_step:,}). The trainer of that run drew them with dropout still on (fixed "
+                    "since: the inference engine draws them, without dropout), so they are noisier than the model "
+                    "was at each step.", ""]
             for s in shown:
                 out += [f"**step {s}**", ""] + fence(steps[s]) + [""]
         if "temperatures" in r:
