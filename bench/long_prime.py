@@ -92,7 +92,7 @@ def main() -> None:
         print(json.dumps(flooded), flush=True)
     ratio = flooded["agg_chars_per_s"] / alone["agg_chars_per_s"]
     print("\n| server | 8 streams chars/s alone | beside the long primes | ratio | gap p99 ms alone / beside | "
-          f"long primes served (p50 s) | short-prime TTFC p50 / p99 ms alone | beside |")
+          "long primes served (p50 s) | short-prime TTFC p50 / p99 ms alone | beside |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.label} | {alone['agg_chars_per_s']:,.0f} | {flooded['agg_chars_per_s']:,.0f} | {ratio:.2f} | "
           f"{alone['gap_p99_ms']:.1f} / {flooded['gap_p99_ms']:.1f} | {flooded['long_primes_served']} "

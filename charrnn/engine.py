@@ -203,7 +203,7 @@ class Engine:
         how it was cut into pieces. With `keep_layer`, also returns, per prompt, that layer's h (T, H) at
         every character (and c for an LSTM) and the last layer's h, for tracing.
         """
-        L, H = self.config.layers, self.config.hidden
+        L = self.config.layers
         lstm = self.config.cell == "lstm"
         n = len(prompts)
         zeros = self.init_state(1)
@@ -227,24 +227,13 @@ class Engine:
         kept: list[Tensor] = []
         for layer, spec in enumerate(self.layers):
             gi_all = spec.project(x)  # (sum of lengths, gates): one matrix product for the whole slice
-            out = torch.empty(len(flat), H)
-            h, c = h_all[layer], c_all[layer] if lstm else None
-            cs = torch.empty(len(flat), H) if lstm and layer == keep_layer else None
-            for t in range(T):
-                a, lo, hi = active[t], offsets[t], offsets[t + 1]
-                h_new, c_new = self._cell(layer, gi_all[lo:hi], h[:a], c[:a] if lstm else None)
-                h = h_new if a == h.shape[0] else torch.cat([h_new, h[a:]])
-                if lstm:
-                    c = c_new if a == c.shape[0] else torch.cat([c_new, c[a:]])
-                    if cs is not None:
-                        cs[lo:hi] = c_new
-                out[lo:hi] = h_new
-            h_all[layer] = h
+            keep_c = lstm and layer == keep_layer
+            x, h_all[layer], c, cs = self._read_layer(layer, gi_all, active, offsets, h_all[layer],
+                                                      c_all[layer] if lstm else None, keep_c)
             if lstm:
                 c_all[layer] = c
             if layer == keep_layer:
-                kept = [out] + ([cs] if cs is not None else [])
-            x = out
+                kept = [x] + ([cs] if keep_c else [])
         finals: list[State] = [()] * n
         for pos, r in enumerate(order):
             h = torch.stack([h_all[layer][pos] for layer in range(L)])[:, None]
@@ -256,6 +245,24 @@ class Engine:
                 rows = [offsets[t] + pos for t in range(lengths[pos])]
                 traces.append(tuple(k[rows] for k in kept) + (x[rows],))
         return finals, traces
+
+    def _read_layer(self, layer: int, gi_all: Tensor, active: list[int], offsets: list[int], h: Tensor,
+                    c: Tensor | None, keep_c: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """One layer over packed time steps: at step t the first `active[t]` rows, whose input projections are
+        gi_all[offsets[t]:offsets[t + 1]]. Returns its h at every packed position, the final h and c, and with
+        `keep_c` its c at every packed position."""
+        out = torch.empty(offsets[-1], self.config.hidden)
+        cs = torch.empty_like(out) if keep_c else None
+        for t, a in enumerate(active):
+            lo, hi = offsets[t], offsets[t + 1]
+            h_new, c_new = self._cell(layer, gi_all[lo:hi], h[:a], c[:a] if c is not None else None)
+            h = h_new if a == h.shape[0] else torch.cat([h_new, h[a:]])  # rows past `a` have ended
+            if c is not None:
+                c = c_new if a == c.shape[0] else torch.cat([c_new, c[a:]])
+            if cs is not None:
+                cs[lo:hi] = c_new
+            out[lo:hi] = h_new
+        return out, h, c, cs
 
     @torch.inference_mode()
     def trace(self, ids: Sequence[int], layer: int) -> tuple[Tensor, Tensor | None, Tensor]:

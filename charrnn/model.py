@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The state is always a tuple: (h, c) for an LSTM, (h,) for a GRU or a plain RNN.
