@@ -23,7 +23,7 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.decode_batch_size = Histogram("charrnn_decode_batch_size", "Streams stepped per model call",
                                            buckets=BATCH_BUCKETS, registry=r)
-        self.prime_batch_size = Histogram("charrnn_prime_batch_size", "Primes read per batched pass",
+        self.prime_batch_size = Histogram("charrnn_prime_batch_size", "Primes read together in one slice",
                                           buckets=BATCH_BUCKETS, registry=r)
         self.sessions_active = Gauge("charrnn_sessions_active", "Sessions held", registry=r)
         self.sessions_evicted = Counter("charrnn_sessions_evicted", "Sessions dropped (LRU or TTL)", ["why"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 # glibc hands oneDNN's large per-call temporaries back to the OS on every LSTM call (page faults, zeroing);
 # keeping them mapped made 2x256 training 1.65x faster on our 2-core CPUs. Both variables are needed, and
@@ -24,16 +25,16 @@ def reexec_with_allocator_env(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, *argv], env)
 
 
-def _cgroup_cpu_quota() -> float | None:
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The CPU limit of this process's cgroup (a container's `--cpus`), or None when there is none."""
     try:  # cgroup v2: "max 100000" or "150000 100000"
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:  # cgroup v1
-        quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
-        period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
         return None if quota <= 0 else quota / period
     except (OSError, ValueError):
         return None
@@ -49,7 +50,7 @@ def available_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
+    quota = cgroup_cpu_quota()
     if quota is not None:
         cpus = min(cpus, int(quota))
     return max(1, cpus)
