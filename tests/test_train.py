@@ -127,3 +127,14 @@ def test_seeded_sampling_is_repeatable(tmp_path, shakespeare_slice):
     b = "".join(engine.generate(vocab, "ROMEO:", 80, temperature=1.0, seed=42))
     c = "".join(engine.generate(vocab, "ROMEO:", 80, temperature=1.0, seed=43))
     assert a == b and a != c
+
+
+@pytest.mark.parametrize("which", ["run_dir", "model_store"])
+def test_an_unwritable_run_folder_or_store_fails_before_training(tmp_path, shakespeare_slice, which):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = tiny_config(tmp_path, shakespeare_slice, max_steps=1000, **{which: str(blocker / "sub")})
+    with pytest.raises(DataError, match="cannot write the (run folder|model store)") as failure:
+        train(cfg)
+    assert "\n" not in str(failure.value)  # one line
+    assert not (tmp_path / "runs" / "tiny" / "log.jsonl").exists()  # not a step was trained

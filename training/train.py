@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -153,6 +155,17 @@ def bits(nats: float) -> float:
     return nats / math.log(2)
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Create `folder` if needed and write a file in it, so a run that could not save fails before it trains."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DataError(f"cannot write the {what} {folder}: {e.strerror or e} (uid {os.getuid()}); "
+                        "make it writable or choose another one") from None
+
+
 def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = False) -> TrainResult:
     """Train until max_epochs, max_steps or max_minutes, keeping the best-by-validation checkpoint."""
     started = time.monotonic()
@@ -163,7 +176,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
             "pick another --name, or pass --overwrite to start over"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir, "run folder")
+    check_writable(cfg.store, "model store")
     # torch's default counts every CPU of the host, also in a container limited to fewer
     torch.set_num_threads(cfg.threads or available_cpus())
     device = resolve_device(cfg.device)
