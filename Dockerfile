@@ -8,18 +8,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The CPU-only build of PyTorch, in a layer of its own: the default Linux wheel pulls several GB of CUDA.
+# Its C++ headers and test binaries (about 190 MB) serve no Python program; torch_shm_manager stays.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
+    && TORCH_DIR="$(python -c 'import importlib.util; print(importlib.util.find_spec("torch").submodule_search_locations[0])')" \
+    && rm -rf "${TORCH_DIR}/include" "${TORCH_DIR}/test" \
+    && find "${TORCH_DIR}/bin" -mindepth 1 ! -name torch_shm_manager -delete
 
 WORKDIR /app
 
-# The project, from pyproject.toml (torch is already satisfied).
+# The project, from pyproject.toml (torch is already satisfied), without the `train` extra: the loss-curve
+# plot is all it would add (matplotlib and its fonts and images, about 100 MB). Build leftovers go.
 COPY pyproject.toml README.md ./
 COPY charrnn/ charrnn/
 COPY training/ training/
 COPY app/ app/
 COPY cli/ cli/
 RUN pip install --no-cache-dir . \
+    && rm -rf build ./*.egg-info \
     && useradd --create-home --uid 10001 charrnn
 
 COPY --chown=10001:10001 model_store/ model_store/

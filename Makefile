@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; an unpinned `torch` may pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test system-deps bench-train clean
+.PHONY: run test container-check system-deps bench-train clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed system-deps
 	$(BIN)/python -m pytest -q
+
+# The Dockerfile and docker-compose.yml built and run for real (podman; needs root; about 6 minutes cold).
+container-check: $(BIN)/.installed
+	tests/container/run.sh
 
 # Debian packages the tests need (chromium, redis-server, nginx, docker-compose); installs only what is missing.
 system-deps:

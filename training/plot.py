@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 
-def plot_losses(log_path: Path, png_path: Path) -> None:
-    import matplotlib
+def plot_losses(log_path: Path, png_path: Path) -> bool:
+    """Draw the curve into `png_path`; False if matplotlib is not installed (the `train` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -32,3 +36,4 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+    return True

@@ -326,7 +326,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     if step != last_eval_step and step > 0:
         val_loss = checkpoint_and_log()
     seconds = time.monotonic() - started
-    plot_losses(log_path, run_dir / "loss.png")
+    if not plot_losses(log_path, run_dir / "loss.png"):
+        print("no loss curve: matplotlib is not installed (pip install 'charrnn[train]')")
     print(
         f"stopped ({stopped_because}) at step {step}, epoch {step / steps_per_epoch:.2f}, after {seconds:.0f} s; "
         f"best val loss {best_val:.4f} nats/char ({bits(best_val):.3f} bits/char) at step {best_step}"
