@@ -2,7 +2,8 @@
 
 1. The image alone (`podman run`): /readyz, a stream from the bundled model, the image's HEALTHCHECK healthy,
    the server not root, SIGTERM with a stream open ends it with a final event within the grace period.
-2. `docker-compose up` (default profile): a session is stored in redis.
+2. `docker-compose up` (default profile): a session is stored in redis; the api's CPU quota (2) gives it one
+   torch thread, so servers on one host do not oversubscribe it.
 3. `--profile train` on a fresh checkout owned by a normal user (no runs/, nothing chowned by hand): the
    checkpoint lands in model_store/, owned by that user, and the running api serves it.
 4. `--profile replicas`: one session continued through the load balancer on several replicas gives exactly
@@ -139,7 +140,13 @@ def check_default_profile(compose: list[str], report: dict) -> None:
     sid = generate(API, prime="ROMEO:", max_chars=30)["session_id"]
     stored = run("podman", "exec", container("redis"), "redis-cli", "exists", f"charrnn:session:{sid}").strip()
     assert stored == "1", f"session {sid} is not in redis ({stored!r})"
-    print(f"2. compose up: api ready in {report['compose_ready_s']} s, the session is stored in redis")
+    # the CPU quota compose gives the api, and the torch threads the server derives from it
+    derived = run("podman", "exec", container("api"), "python", "-c",
+                  "from charrnn.runtime import available_cpus; from app.settings import Settings; "
+                  "print(available_cpus(), Settings().decode_threads())").split()
+    assert derived == ["2", "1"], f"inside the api container: CPUs and threads {derived}, expected 2 and 1"
+    print(f"2. compose up: api ready in {report['compose_ready_s']} s, the session is stored in redis, "
+          f"the api sees a quota of {derived[0]} CPUs and steps with {derived[1]} thread")
 
 
 def check_train_profile(compose: list[str], src: Path, report: dict) -> None:
