@@ -142,11 +142,11 @@ def check_default_profile(compose: list[str], report: dict) -> None:
     assert stored == "1", f"session {sid} is not in redis ({stored!r})"
     # the CPU quota compose gives the api, and the torch threads the server derives from it
     derived = run("podman", "exec", container("api"), "python", "-c",
-                  "from charrnn.runtime import available_cpus; from app.settings import Settings; "
-                  "print(available_cpus(), Settings().decode_threads())").split()
-    assert derived == ["2", "1"], f"inside the api container: CPUs and threads {derived}, expected 2 and 1"
+                  "from charrnn.runtime import cgroup_cpu_quota; from app.settings import Settings; "
+                  "print(cgroup_cpu_quota(), Settings().decode_threads())").split()
+    assert derived == ["2.0", "1"], f"inside the api container: CPU quota and threads {derived}, expected 2.0 and 1"
     print(f"2. compose up: api ready in {report['compose_ready_s']} s, the session is stored in redis, "
-          f"the api sees a quota of {derived[0]} CPUs and steps with {derived[1]} thread")
+          f"the api reads a CPU quota of {derived[0]} and steps with {derived[1]} thread")
 
 
 def check_train_profile(compose: list[str], src: Path, report: dict) -> None:
