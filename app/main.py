@@ -37,7 +37,11 @@ async def _poll_model_store(service: Service) -> None:
     """Pick up new, changed and removed checkpoints without a restart (CHARRNN_RELOAD_INTERVAL_S)."""
     while True:
         await asyncio.sleep(service.settings.reload_interval_s)
-        result = await service.reload()
+        try:
+            result = await service.reload()
+        except Exception:  # keep polling: a later scan may succeed
+            log.exception("model store scan failed")
+            continue
         if result.added or result.changed or result.removed:
             log.info("model store changed: added %s, changed %s, removed %s",
                      result.added, result.changed, result.removed)

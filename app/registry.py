@@ -68,7 +68,7 @@ class Registry:
         result = ScanResult()
         found: dict[str, Path] = {}
         if not self.store.is_dir():
-            result.errors[str(self.store)] = "model store folder does not exist"
+            result.errors[self.store.name] = "model store folder does not exist"
         else:
             for path in sorted(self.store.glob(f"*{SUFFIX}")):
                 name = path.name[: -len(SUFFIX)]
@@ -99,9 +99,12 @@ class Registry:
                 engine = Engine(model, self.precision)
                 engine.warm_up()
                 loaded = LoadedModel(name, path, sha, engine, vocab, info, model.num_parameters(), stamp)
-            except (CheckpointError, OSError, RuntimeError, ValueError) as e:
-                result.errors[path.name] = str(e)
-                log.warning("skipping %s: %s", path.name, e)
+            except Exception as e:  # whatever is wrong with one file, the others load and the server serves
+                # named by file name alone: the store's place on this machine is not the client's business
+                why = str(e).replace(str(path), path.name) if isinstance(e, (CheckpointError, OSError)) \
+                    else f"{path.name}: cannot load ({type(e).__name__})"
+                result.errors[path.name] = why
+                log.warning("skipping %s: %s", path, e)
                 continue
             (result.changed if name in self.models else result.added).append(name)
             self.models[name] = loaded

@@ -101,6 +101,15 @@ def read_header(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: __metadata__ is not an object of strings")
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+            raise CheckpointError(f"{path}: tensor entry {name!r} is malformed")
     data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_end > size:
         raise CheckpointError(f"{path}: truncated (expected {8 + n + data_end} bytes, found {size})")
@@ -124,7 +133,7 @@ def read_metadata(path: Path) -> CheckpointInfo:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a char-rnn checkpoint of format {FORMAT_VERSION} (found {version!r})")
     try:
-        return CheckpointInfo(
+        info = CheckpointInfo(
             config=json.loads(meta["config"]),
             vocab=json.loads(meta["vocab"]),
             training=json.loads(meta.get("training", "{}")),
@@ -132,6 +141,11 @@ def read_metadata(path: Path) -> CheckpointInfo:
         )
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: metadata incomplete or malformed ({e})") from None
+    if not (isinstance(info.config, dict) and isinstance(info.training, dict) and isinstance(info.vocab, list)
+            and all(isinstance(c, str) for c in info.vocab)):
+        raise CheckpointError(f"{path}: metadata malformed (config and training must be objects, vocab a list of "
+                              "strings)")
+    return info
 
 
 # --- torch-dependent parts below; imported lazily so the functions above work without torch. ---

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from charrnn.checkpoint import (
@@ -122,3 +124,49 @@ def test_bad_model_names_are_refused(name):
 
 def test_model_path_is_inside_the_store(tmp_path):
     assert model_path(tmp_path, "shakespeare-v2.1") == tmp_path / "shakespeare-v2.1.safetensors"
+
+
+# --- whatever a file in the store holds, reading it raises CheckpointError and nothing else ---
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def header_file(path, header, payload: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=json_values | st.dictionaries(st.text(max_size=12), json_values, max_size=5),
+       metadata=st.dictionaries(st.sampled_from(["format_version", "config", "vocab", "training", "x"]),
+                                json_values | st.text(max_size=30), max_size=5))
+def test_fuzzed_headers_give_a_checkpoint_error_and_nothing_else(tmp_path, header, metadata):
+    for i, candidate in enumerate([header, {**(header if isinstance(header, dict) else {}),
+                                            "__metadata__": metadata}]):
+        path = tmp_path / f"fuzz{i}.safetensors"
+        header_file(path, candidate, b"\0" * 64)
+        try:
+            load_model(path)
+        except CheckpointError:
+            pass  # the only way a bad file may fail
+
+
+@pytest.mark.parametrize("header", [
+    {"x": 1},
+    {"x": {"data_offsets": "ab"}},
+    {"x": {"data_offsets": [0, True]}},
+    {"__metadata__": 5},
+    {"__metadata__": {"format_version": 1}},
+    {"__metadata__": {"format_version": "1", "config": "[]", "vocab": "[]"}},
+    {"__metadata__": {"format_version": "1", "config": "{}", "vocab": "5"}},
+    {"__metadata__": {"format_version": "1", "config": '{"vocab_size": "many"}', "vocab": '["a"]'}},
+])
+def test_malformed_headers_seen_in_the_wild_are_refused_plainly(tmp_path, header):
+    path = tmp_path / "bad.safetensors"
+    header_file(path, header)
+    with pytest.raises(CheckpointError):
+        load_model(path)

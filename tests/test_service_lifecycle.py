@@ -177,3 +177,24 @@ def test_the_model_store_is_polled_when_an_interval_is_set(model_store, tmp_path
         while c.get("/models/lines").status_code != 404 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert c.get("/models/lines").status_code == 404
+
+
+def test_a_malformed_checkpoint_never_stops_the_server(model_store, tmp_path):
+    """A header that is valid JSON of the wrong shape: startup, /admin/reload and the poller all carry on."""
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(model_store / "tiny.safetensors", store / "tiny.safetensors")
+    raw = json.dumps({"x": 1}).encode()
+    (store / "odd.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    with running(store, {"CHARRNN_RELOAD_INTERVAL_S": "0.5"}) as server, server.client() as c:
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["tiny"]
+        r = c.post("/admin/reload")
+        assert r.status_code == 200 and set(r.json()["errors"]) == {"odd.safetensors"}
+        assert str(tmp_path) not in r.text  # no paths of the server's machine in answers
+        shutil.copy(model_store / "lines.safetensors", store / "lines.safetensors")
+        deadline = time.monotonic() + 10  # the poller is still alive and picks up what comes later
+        while "lines" not in [m["name"] for m in c.get("/models").json()["models"]]:
+            assert time.monotonic() < deadline, "the model store poller stopped"
+            time.sleep(0.2)
+        assert generate(c, model="lines", prime="first", max_chars=3)["model"] == "lines"
+    assert "Traceback" not in server.log_path.read_text()
