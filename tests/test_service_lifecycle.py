@@ -198,3 +198,34 @@ def test_a_malformed_checkpoint_never_stops_the_server(model_store, tmp_path):
             time.sleep(0.2)
         assert generate(c, model="lines", prime="first", max_chars=3)["model"] == "lines"
     assert "Traceback" not in server.log_path.read_text()
+
+
+def test_abandoned_non_streamed_requests_give_their_slots_back(model_store):
+    """Requests with `stream: false` whose clients reset the connection stop generating at once."""
+    import socket
+    import struct
+
+    env = {"CHARRNN_MAX_STREAMS": "8", "CHARRNN_MAX_CHARS": "100000"}
+    with running(model_store, env) as server:
+        body = json.dumps({"prime": "a", "max_chars": 100000, "stream": False}).encode()
+        request = (f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        socks = []
+        for _ in range(8):  # every slot taken, then the connections reset
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(request)
+            socks.append(s)
+        deadline = time.monotonic() + 10
+        while server.metric("charrnn_streams_running", 'model="tiny"') < 8:
+            assert time.monotonic() < deadline, "the 8 generations did not start"
+            time.sleep(0.05)
+        for s in socks:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+            s.close()
+        deadline = time.monotonic() + 5
+        while server.metric("charrnn_streams_running", 'model="tiny"') > 0:
+            assert time.monotonic() < deadline, "abandoned generations kept running"
+            time.sleep(0.05)
+        assert server.metric("charrnn_streams_dropped_total") == 8
+        with server.client() as c:  # the slots are free for the next client
+            assert generate(c, prime="a", max_chars=5)["generated_chars"] == 5

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 
 from app.errors import APIError, error_body
 from app.routes.deps import ServiceDep
@@ -78,15 +79,29 @@ async def _events(service: Service, gen: Generation) -> AsyncIterator[bytes]:
             await service.finalize(gen)
 
 
-async def _respond(service: Service, req: GenerateRequest):
+async def _ended_by_client(request: Request, gen: Generation, metrics) -> None:
+    """Cancel a `stream: false` generation when its client goes away: nobody will read the answer, and the
+    slot is someone else's (a client that resets its connections must not keep generations running)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    if not gen.stream.finished:
+        metrics.streams_dropped.inc()
+        gen.stream.finish("cancelled")
+
+
+async def _respond(service: Service, req: GenerateRequest, request: Request):
     gen = await service.start(req)
     if req.stream:
         return event_response(_events(service, gen), service.settings.sse_ping_s, service.settings.shutdown_grace_s)
+    watcher = asyncio.create_task(_ended_by_client(request, gen, service.metrics))
     try:
         while await gen.stream.next_char() is not None:
             pass
     finally:
+        watcher.cancel()
         await service.finalize(gen)
+    if gen.stream.finish_reason == "cancelled":  # the client has gone: nginx's "client closed request"
+        return Response(status_code=499)
     if gen.stream.finish_reason not in ("length", "stop"):
         status = 503 if gen.stream.finish_reason == "shutdown" else 500
         raise APIError(status, "generation_failed", gen.stream.error or "generation ended early")
@@ -94,12 +109,12 @@ async def _respond(service: Service, req: GenerateRequest):
 
 
 @router.post("/generate", responses=RESPONSES, response_model=GenerateResult)
-async def generate(body: GenerateRequest, service: ServiceDep):
+async def generate(body: GenerateRequest, service: ServiceDep, request: Request):
     """Generate text continuing `prime` (or a session), streamed character by character."""
-    return await _respond(service, body)
+    return await _respond(service, body, request)
 
 
 @router.get("/generate", responses=RESPONSES, response_model=GenerateResult)
-async def generate_get(params: Annotated[GenerateParams, Query()], service: ServiceDep):
+async def generate_get(params: Annotated[GenerateParams, Query()], service: ServiceDep, request: Request):
     """The same as POST with the parameters in the query string, always streamed (for `EventSource`)."""
-    return await _respond(service, GenerateRequest(**params.model_dump(), stream=True))
+    return await _respond(service, GenerateRequest(**params.model_dump(), stream=True), request)
