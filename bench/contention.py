@@ -28,9 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from load import PRIME, sweep_point  # noqa: E402
-from server_proc import ServerProcess  # noqa: E402
+from server_proc import charrnn_server, single_model_store  # noqa: E402
 
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 NEIGHBOURS = {
     "spin": "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n",
     "torch": "import time, torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\nend = time.time() + {seconds}\n"
@@ -73,16 +72,10 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=40.0, help="bound per measurement")
     parser.add_argument("--neighbour-seconds", type=float, default=150.0)
     args = parser.parse_args()
-    env = {**ALLOCATOR, "CHARRNN_NO_REEXEC": "1", **dict(kv.split("=", 1) for kv in args.env)}
-    store = REPO / "runs" / "bench-stores" / "shakespeare"
-    store.mkdir(parents=True, exist_ok=True)
-    if not (store / "shakespeare.safetensors").exists():
-        (store / "shakespeare.safetensors").symlink_to(REPO / "model_store" / "shakespeare.safetensors")
-    env.update(CHARRNN_MODEL_STORE=str(store), CHARRNN_DEFAULT_MODEL="shakespeare")
-    module = "cli" if (args.repo / "cli").is_dir() else "charrnn"  # earlier versions: python -m charrnn
-    serve = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--log-level", "warning"]
+    store = single_model_store(REPO / "model_store" / "shakespeare.safetensors")
+    env = dict(kv.split("=", 1) for kv in args.env)
     results: dict[int, dict[int, dict]] = {}
-    with ServerProcess(serve, env=env, cwd=args.repo) as server:
+    with charrnn_server(store, "shakespeare", args.repo, **env) as server:
         measure_point(server.url, 8, 200, 1, args.max_seconds)  # warm-up
         for neighbours in (0, 1, 2):
             procs = start_neighbours(args.neighbour, neighbours, args.neighbour_seconds)

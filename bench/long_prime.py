@@ -25,9 +25,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from contention import ALLOCATOR  # noqa: E402
 from load import PRIME, one_stream, percentile, sweep_point  # noqa: E402
-from server_proc import ServerProcess  # noqa: E402
+from server_proc import charrnn_server, single_model_store  # noqa: E402
 
 
 async def phase(url: str, args, flood: bool) -> dict:
@@ -76,15 +75,8 @@ def main() -> None:
     parser.add_argument("--prime-chars", type=int, default=10_000)
     parser.add_argument("--max-seconds", type=float, default=60.0)
     args = parser.parse_args()
-    store = REPO / "runs" / "bench-stores" / "shakespeare"
-    store.mkdir(parents=True, exist_ok=True)
-    if not (store / "shakespeare.safetensors").exists():
-        (store / "shakespeare.safetensors").symlink_to(REPO / "model_store" / "shakespeare.safetensors")
-    env = {**ALLOCATOR, "CHARRNN_NO_REEXEC": "1", "CHARRNN_MODEL_STORE": str(store),
-           "CHARRNN_DEFAULT_MODEL": "shakespeare"}
-    module = "cli" if (args.repo / "cli").is_dir() else "charrnn"
-    serve = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--log-level", "warning"]
-    with ServerProcess(serve, env=env, cwd=args.repo) as server:
+    store = single_model_store(REPO / "model_store" / "shakespeare.safetensors")
+    with charrnn_server(store, "shakespeare", args.repo) as server:
         asyncio.run(sweep_point(server.url, 8, {"prime": PRIME[:100], "max_chars": 200}, 30))  # warm-up
         alone = asyncio.run(phase(server.url, args, flood=False))
         print(json.dumps(alone), flush=True)

@@ -32,11 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from load import PRIME, join_point, run_sweep, server_rss_mib  # noqa: E402
-from server_proc import ServerProcess  # noqa: E402
+from server_proc import ALLOCATOR_ENV, ServerProcess, charrnn_server, single_model_store  # noqa: E402
 
 START, END = "<!-- serving:start -->", "<!-- serving:end -->"
-SERVE = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
 def ensure_small_model() -> Path:
@@ -47,7 +45,7 @@ def ensure_small_model() -> Path:
                         "--name", "shakespeare-2x256", "--layers", "2", "--hidden", "256", "--max-steps", "300",
                         "--eval-every", "300", "--precision", "bf16", "--model-store", str(store),
                         "--run-dir", str(REPO / "runs" / "bench-2x256"), "--overwrite"],
-                       check=True, cwd=REPO, env={**__import__("os").environ, **ALLOCATOR})
+                       check=True, cwd=REPO, env={**__import__("os").environ, **ALLOCATOR_ENV})
     return path
 
 
@@ -73,17 +71,12 @@ async def make_idle_sessions(url: str, count: int, concurrency: int = 32) -> int
 
 
 def server(store: Path, name: str, **env: str) -> ServerProcess:
-    return ServerProcess(SERVE, env={"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": name, **ALLOCATOR,
-                                     "CHARRNN_NO_REEXEC": "1", **env})
+    return charrnn_server(store, name, **env)
 
 
 def measure(checkpoint: Path, args) -> dict:
     name = checkpoint.stem
-    store = REPO / "runs" / "bench-stores" / name  # this model alone, whatever else model_store/ holds
-    store.mkdir(parents=True, exist_ok=True)
-    link = store / checkpoint.name
-    if not link.exists():
-        link.symlink_to(checkpoint.resolve())
+    store = single_model_store(checkpoint)  # this model alone, whatever else model_store/ holds
     print(f"== {name}: ceilings", flush=True)
     result = {"name": name, "ceiling": ceilings(checkpoint)}
     print(f"== {name}: batched server", flush=True)

@@ -6,12 +6,34 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from charrnn.runtime import ALLOCATOR_ENV  # noqa: E402
+
+
+def single_model_store(checkpoint: Path) -> Path:
+    """A store under runs/ holding only `checkpoint` (a link), so a server loads that model alone."""
+    store = REPO / "runs" / "bench-stores" / checkpoint.stem
+    store.mkdir(parents=True, exist_ok=True)
+    link = store / checkpoint.name
+    if not link.exists():
+        link.symlink_to(checkpoint.resolve())
+    return store
+
+
+def charrnn_server(store: Path, name: str, repo: Path = REPO, **env: str) -> ServerProcess:
+    """`charrnn serve` of `repo` (another checkout for A/B runs) serving `store`, with the allocator settings."""
+    module = "cli" if (repo / "cli").is_dir() else "charrnn"  # earlier versions: python -m charrnn
+    command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--log-level", "warning"]
+    return ServerProcess(command, cwd=repo, env={"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": name,
+                                                 **ALLOCATOR_ENV, "CHARRNN_NO_REEXEC": "1", **env})
 
 
 def free_port() -> int:

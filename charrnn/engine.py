@@ -6,7 +6,7 @@ training alone uses `CharRNN.forward` (`nn.LSTM`). The recurrent cells are writt
 The promise it keeps: **a row's result depends only on that row.** Stepped alone or inside a batch of any
 size, at any position, read as part of one long prime or in slices, a sequence gets the same logits and the
 same state, bit for bit. So a seeded request gives the same text whoever else the server is serving.
-Two things make that true:
+Three things make that true:
 - every matrix product is a oneDNN matmul on weights packed once for an unknown batch size
   (`torch.ops.mkldnn._linear_pointwise`): one kernel for every batch size, each output row reduced in the
   same order whatever the rows around it (MKL's `F.linear` picks other kernels as the batch grows and moves
@@ -14,7 +14,9 @@ Two things make that true:
 - stepping and reading a prime do the same arithmetic: per layer, the input projection (a table lookup for
   the first layer, whose input is a character) plus the recurrent projection, then the cell. Reading a prime
   runs a layer over all its characters before the next layer, so the input projections of a whole slice are
-  one matrix product, and the recurrence runs a character at a time.
+  one matrix product, and the recurrence runs a character at a time;
+- the gates' sigmoid is computed through tanh (`sigmoid_of_halved_`), whose vectorised and leftover-element
+  paths agree bit for bit, where `torch.sigmoid`'s do not.
 """
 
 from __future__ import annotations
