@@ -173,12 +173,12 @@ def check_train_profile(compose: list[str], src: Path, report: dict) -> None:
           f"{report['train_s']} s, checkpoint owned by uid {owner}, served by the running api ({len(text)} chars)")
 
 
-def served_generate(service_counts: dict[str, int]) -> dict[str, int]:
+def served_generate(names) -> dict[str, int]:
+    """How many POST /generate each server's access log shows."""
     counts = {}
-    for name in service_counts:
-        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True).stdout
-        logs += subprocess.run(["podman", "logs", name], capture_output=True, text=True).stderr
-        counts[name] = logs.count("POST /generate")
+    for name in names:
+        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+        counts[name] = (logs.stdout + logs.stderr).count("POST /generate")
     return counts
 
 
