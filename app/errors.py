@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.sessions import SessionStoreUnavailable
 
@@ -38,6 +39,17 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(parts) + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else "")
 
 
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of this path answers. Starlette's 405 names only the first route that matched
+    the path, and /generate (GET, POST) and /sessions/{id} (GET, DELETE) have one route per method."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in METHODS
+                     if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -59,9 +71,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        # 400: FastAPI could not read the body as JSON text at all (not UTF-8, nested too deep).
+        kind = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and (allow := allowed_methods(request)):
+            headers = {**(headers or {}), "Allow": allow}
+        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.errors import install_error_handlers
 from app.middleware import BodyLimit, RequestMetrics
+from app.openapi import install_openapi
 from app.routes import admin, generate, health, inspect, models, page, sessions
 from app.service import Service
 from app.settings import Settings
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
+    install_openapi(app, settings)  # /openapi.json with this server's limits and every answer it gives
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.service.metrics)
     return app

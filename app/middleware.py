@@ -37,11 +37,13 @@ class RequestMetrics:
 class BodyLimit:
     """Answer 413 to a request body over `max_bytes` before the app parses any of it."""
 
+    UNLIMITED_METHODS = ("GET", "HEAD", "DELETE", "OPTIONS")  # they carry no body the app reads
+
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        if scope["type"] != "http" or scope["method"] in self.UNLIMITED_METHODS:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

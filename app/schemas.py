@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+LIMITED_BY = "x-limited-by"
+MAX_SEED = 2**63 - 1
+
+
+def _integral(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# For an int field of a strict model, after its constraints: 35 and 35.0 are integers to JSON Schema, so both
+# are taken; "35", true and 35.5 are not. (Before the constraints, pydantic would not publish them.)
+WHOLE_FLOATS = BeforeValidator(_integral)
+
+
+def limited_by(**keywords: str | int | dict) -> dict:
+    """`json_schema_extra` of a field whose bounds are settings: each JSON Schema keyword maps to the name of
+    a Settings field (or to a number, written as it is, or to a dict for a nested schema such as `items`).
+    app/openapi.py writes the running server's values into /openapi.json; the handler enforces the same."""
+    return {LIMITED_BY: keywords}
 
 
 class GenerateParams(BaseModel):
@@ -15,19 +33,33 @@ class GenerateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    prime: str = Field("", description="Text the model reads first; generation continues it.")
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 = argmax; higher = more surprising.")
-    max_chars: int = Field(200, ge=1, description="Characters to generate.")
+    prime: str = Field("", description="Text the model reads first; generation continues it.",
+                       json_schema_extra=limited_by(maxLength="max_prime_chars"))
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 = argmax; higher = more surprising.",
+                               json_schema_extra=limited_by(maximum="max_temperature"))
+    max_chars: Annotated[int, Field(ge=1), WHOLE_FLOATS] = Field(
+        200, description="Characters to generate (left out: 200, or CHARRNN_MAX_CHARS if that is lower).",
+        json_schema_extra=limited_by(maximum="max_chars"))
     model: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="Model name; default: the server's.")
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN, description="Continue this session.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same text.")
-    top_k: int | None = Field(None, ge=1, description="Sample only from the k most likely characters.")
+    # FastAPI's document holds bounds as floats, which cannot say 2**63 - 1: limited_by restores it.
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE_FLOATS] | None = Field(
+        None, description="Same seed, same text.", json_schema_extra=limited_by(maximum=MAX_SEED))
+    top_k: Annotated[int, Field(ge=1), WHOLE_FLOATS] | None = Field(
+        None, description="Sample only from the k most likely characters.")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass.")
-    stop: list[str] | None = Field(None, description="Generation ends after one of these strings is produced.")
+    stop: list[str] | None = Field(
+        None, description="Generation ends after one of these strings is produced.",
+        json_schema_extra=limited_by(maxItems="max_stop_strings",
+                                     items={"minLength": 1, "maxLength": "max_stop_chars"}))
     skip_unknown: bool = Field(False, description="Drop prime characters not in the vocabulary instead of 422.")
 
 
 class GenerateRequest(GenerateParams):
+    # A JSON body is taken as typed: `"skip_unknown": 0` or `"max_chars": "5"` is a 422, as the schema says.
+    # (GenerateParams stays lax: GET /generate parses the same fields from query strings.)
+    model_config = ConfigDict(strict=True)
+
     stream: bool = Field(True, description="true: text/event-stream of characters; false: one JSON object.")
 
 
@@ -112,11 +144,13 @@ class Health(BaseModel):
 
 
 class InspectRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)  # as GenerateRequest
 
-    text: str = Field(min_length=1, description="Text the model reads from the zero state.")
+    text: str = Field(min_length=1, description="Text the model reads from the zero state.",
+                      json_schema_extra=limited_by(maxLength="max_inspect_chars"))
     model: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="Model name; default: the server's.")
-    layer: int | None = Field(None, ge=0, description="Which layer's units to return; default: the last.")
+    layer: Annotated[int, Field(ge=0), WHOLE_FLOATS] | None = Field(
+        None, description="Which layer's units to return; default: the last.")
     kind: Literal["cell", "hidden"] | None = Field(
         None, description="cell: the LSTM cell state tanh(c); hidden: the output h. Default: cell for an LSTM.")
 

@@ -147,6 +147,8 @@ class Service:
         started = time.perf_counter()
         if self.draining:
             raise APIError(503, "shutting_down", "the server is shutting down; retry on another replica or later")
+        if "max_chars" not in req.model_fields_set:  # the default (200) is clamped to a lower CHARRNN_MAX_CHARS
+            req.max_chars = min(req.max_chars, self.settings.max_chars)
         self._check_limits(req)
 
         session: Session | None = None

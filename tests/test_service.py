@@ -232,6 +232,8 @@ def test_client_disconnect_frees_the_slot_and_keeps_the_session(server):
         ({"stop": ["x"] * 9}, 422, "invalid_request", "CHARRNN_MAX_STOP_STRINGS"),
         ({"stop": ["x" * 65]}, 422, "invalid_request", "CHARRNN_MAX_STOP_CHARS"),
         ({"stream": "yes please"}, 422, "invalid_request", "stream"),
+        ({"skip_unknown": 0}, 422, "invalid_request", "skip_unknown"),  # JSON bodies are strict: 0 is no boolean
+        ({"max_chars": "5"}, 422, "invalid_request", "max_chars"),
         ({"model": "../etc/passwd"}, 422, "invalid_request", "model"),
         ({"model": "nosuchmodel"}, 404, "model_not_found", "nosuchmodel"),
         ({"session_id": "not a valid id!"}, 422, "invalid_request", "session_id"),
@@ -258,6 +260,8 @@ def test_malformed_bodies(client):
     for raw in ("{not json", "[1, 2]", '"text"', ""):
         r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 422 and "error" in r.json(), raw
+    r = client.post("/generate", content=b'{"prime": "\xff"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request"  # not UTF-8: not JSON text
     big = "{" + '"prime": "' + "a" * 1_100_000 + '"}'
     r = client.post("/generate", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "CHARRNN_MAX_BODY_BYTES" in r.json()["error"]["message"]
@@ -273,6 +277,8 @@ def test_unknown_routes_and_methods_are_json(client):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
     r = client.put("/generate")
     assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
+    assert r.headers["allow"] == "GET, POST"  # both routes of the path, not only the first that matched
+    assert client.post("/sessions/" + "A" * 32).headers["allow"] == "DELETE, GET"
 
 
 def test_server_stays_healthy_after_bad_input(client):

@@ -9,10 +9,11 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel
 
 from app.errors import APIError, error_body
 from app.routes.deps import ServiceDep
-from app.schemas import ErrorResponse, GenerateParams, GenerateRequest, GenerateResult
+from app.schemas import ErrorResponse, GenerateParams, GenerateRequest, GenerateResult, StartEvent, TokenEvent
 from app.service import Generation, Service
 from app.sse import event_frame, event_response, token_frame
 
@@ -27,16 +28,52 @@ STREAM_DOC = """\
 - on a failure after the stream started (or server shutdown): `event: error`,
   `data: {"error": {"type", "message"}}`, then the stream closes.
 
-`stream: false` answers one JSON object (GenerateResult).
+`stream: false` (POST only; GET always streams) answers one JSON object (GenerateResult).
 """
 
+
+def _event(name: str, payload: type[BaseModel], **fields: dict) -> dict:
+    """One kind of event as a client's SSE parser gives it: the `event` name and `data`, a JSON `payload`."""
+    data = {"type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"$ref": f"#/components/schemas/{payload.__name__}"}}
+    return {"type": "object", "title": f"{name} event",
+            "properties": {"event": {"const": name}, **fields, "data": data}, "required": ["event", *fields, "data"]}
+
+
+# The schema of one event. OpenAPI 3.2 has `itemSchema` for the items of a stream; 3.1 has only `schema`, which
+# tools (schemathesis among them) read as the schema of each event of a text/event-stream.
+EVENT = {
+    "type": "object",
+    "description": "One event of the stream; the stream is `start`, a `token` per character, then `done` or `error`.",
+    "oneOf": [
+        _event("start", StartEvent),
+        _event("token", TokenEvent, id={"type": "string", "pattern": "^[0-9]+$", "description": "The index."}),
+        _event("done", GenerateResult),
+        _event("error", ErrorResponse),
+    ],
+}
+
+SESSION_LINKS = {
+    f"{verb}Session": {"operationRef": f"#/paths/~1sessions~1{{session_id}}/{verb.lower()}",
+                       "parameters": {"session_id": "$response.body#/session_id"},
+                       "description": "The session of a `stream: false` answer (a stream names it in `start`)."}
+    for verb in ("Get", "Delete")
+}
+
 RESPONSES = {
-    200: {"description": STREAM_DOC, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    200: {"description": STREAM_DOC, "content": {"text/event-stream": {"schema": EVENT}}},
     404: {"model": ErrorResponse, "description": "Unknown model or session."},
     409: {"model": ErrorResponse, "description": "Session busy, bound to another model, or its model changed."},
     422: {"model": ErrorResponse, "description": "Invalid parameters, or prime characters not in the vocabulary."},
     429: {"model": ErrorResponse, "description": "Too many generations running (Retry-After given)."},
-    503: {"model": ErrorResponse, "description": "Shutting down."},
+    503: {"model": ErrorResponse, "description": "Shutting down, or the session store (Redis) is unreachable "
+                                                 "(Retry-After given)."},
+}
+POST_RESPONSES = {
+    **RESPONSES,
+    200: {**RESPONSES[200], "links": SESSION_LINKS},
+    500: {"model": ErrorResponse, "description": "`stream: false`: the generation failed (a stream ends with an "
+                                                 "`error` event instead)."},
 }
 
 
@@ -108,13 +145,16 @@ async def _respond(service: Service, req: GenerateRequest, request: Request):
     return gen.result()
 
 
-@router.post("/generate", responses=RESPONSES, response_model=GenerateResult)
+@router.post("/generate", responses=POST_RESPONSES, response_model=GenerateResult)
 async def generate(body: GenerateRequest, service: ServiceDep, request: Request):
     """Generate text continuing `prime` (or a session), streamed character by character."""
     return await _respond(service, body, request)
 
 
-@router.get("/generate", responses=RESPONSES, response_model=GenerateResult)
+# response_class=Response: no JSON answer to document (FastAPI would add one for its default JSONResponse).
+@router.get("/generate", responses=RESPONSES, response_class=Response)
 async def generate_get(params: Annotated[GenerateParams, Query()], service: ServiceDep, request: Request):
     """The same as POST with the parameters in the query string, always streamed (for `EventSource`)."""
-    return await _respond(service, GenerateRequest(**params.model_dump(), stream=True), request)
+    # exclude_unset: a max_chars left out stays left out (Service.start clamps the default to the limit)
+    req = GenerateRequest(**params.model_dump(exclude_unset=True), stream=True)
+    return await _respond(service, req, request)

@@ -33,6 +33,7 @@ async def readyz(service: ServiceDep):
     return Health(status="ready", models=len(service.registry.models))
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(service: ServiceDep) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -9,13 +9,16 @@ from app.schemas import SESSION_ID_PATTERN, ErrorResponse, SessionInfo
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
 SessionId = Path(pattern=SESSION_ID_PATTERN)
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "No such session: never created, deleted or expired."}}
+STORE_DOWN = {503: {"model": ErrorResponse, "description": "The session store (Redis) is unreachable; "
+                                                           "Retry-After given."}}
 
 
 def _not_found(session_id: str) -> APIError:
     return APIError(404, "session_not_found", f"no session {session_id!r}: it never existed, was deleted, or expired")
 
 
-@router.get("/{session_id}", response_model=SessionInfo, responses={404: {"model": ErrorResponse}})
+@router.get("/{session_id}", response_model=SessionInfo, responses={**NOT_FOUND, **STORE_DOWN})
 async def get_session(service: ServiceDep, session_id: str = SessionId) -> SessionInfo:
     session = await service.sessions.get(session_id)
     if session is None:
@@ -24,8 +27,8 @@ async def get_session(service: ServiceDep, session_id: str = SessionId) -> Sessi
                        last_used=session.last_used, generated_chars=session.generated_chars, busy=session.busy)
 
 
-@router.delete("/{session_id}", status_code=204, responses={404: {"model": ErrorResponse},
-                                                            409: {"model": ErrorResponse}})
+@router.delete("/{session_id}", status_code=204, responses={
+    **NOT_FOUND, 409: {"model": ErrorResponse, "description": "The session is generating."}, **STORE_DOWN})
 async def delete_session(service: ServiceDep, session_id: str = SessionId) -> Response:
     session = await service.sessions.get(session_id)
     if session is None:
