@@ -153,6 +153,10 @@ class InspectRequest(BaseModel):
         None, description="Which layer's units to return; default: the last.")
     kind: Literal["cell", "hidden"] | None = Field(
         None, description="cell: the LSTM cell state tanh(c); hidden: the output h. Default: cell for an LSTM.")
+    units: list[Annotated[int, Field(ge=0), WHOLE_FLOATS]] | None = Field(
+        None, description="Units of the layer to return, at most CHARRNN_MAX_INSPECT_UNITS (64) of them. "
+                          "Default: the suggested units.", json_schema_extra=limited_by(maxItems="max_inspect_units"))
+    predictions: bool = Field(True, description="false: leave out the predictions (when only more units are wanted).")
 
 
 class Prediction(BaseModel):
@@ -172,9 +176,15 @@ class InspectResult(BaseModel):
     model: str
     layer: int
     kind: Literal["cell", "hidden"]
-    units: int = Field(description="Hidden units in the layer.")
+    units: int = Field(description="Hidden units in the layer (numbered 0 to units - 1).")
+    max_units: int = Field(description="The most units one request may name (CHARRNN_MAX_INSPECT_UNITS).")
     chars: list[str] = Field(description="The text, one entry per character.")
-    predictions: list[list[Prediction]] = Field(
-        description="Per character: the 5 most likely next characters after reading it, with probabilities.")
-    activations: list[list[float]] = Field(description="Per character: every unit of the layer, in [-1, 1].")
+    predictions: list[list[Prediction]] | None = Field(
+        description="Per character: the 5 most likely next characters after reading it, with probabilities. "
+                    "null when the request said predictions: false.")
+    units_shown: list[int] = Field(
+        description="The units in `activations`: those the request named (repeats dropped), else the suggested ones.")
+    activations: list[list[float]] = Field(
+        description="Per unit of `units_shown`, in that order: its value after each character of the text, "
+                    "in [-1, 1], 3 decimals. activations[k][i] is unit units_shown[k] after chars[i].")
     suggestions: list[UnitSuggestion] = Field(description="Units worth a look, best first.")

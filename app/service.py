@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
+import os
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
+import numpy as np
+import torch
 
 
 from app.decoder import Decoder, SamplingParams, Stream, seeded_generator
@@ -56,6 +63,40 @@ def make_session_store(settings: Settings, metrics: Metrics):
     return RedisSessionStore(settings.session_store, settings.session_ttl_s, settings.session_lock_ttl_s, metrics)
 
 
+INSPECT_NICE = 10  # added to the inspect thread's nice value: contending for a CPU, it gets ~10% beside a decoder
+
+
+def _loaded_libraries(name: str) -> list[str]:
+    """Paths of the shared libraries this process has loaded whose file name contains `name` (Linux)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    fields = (line.split(None, 5) for line in maps.splitlines())  # address perms offset dev inode path
+    return sorted({f[5] for f in fields if len(f) == 6 and name in os.path.basename(f[5])})
+
+
+def _start_inspect_thread() -> None:
+    """Set up the inspect thread: one torch compute thread, and only the CPU time the decode loop leaves.
+
+    Under OpenMP torch's thread count belongs to each thread, copied on its first torch call from the process
+    default that app/main.py sets for the decode loop (CPUs - 1). `torch.set_num_threads(1)` here would also
+    lower that default for decoders started later, so this sets the OpenMP count of this thread alone, in the
+    libgomp torch loaded. The nice value is per thread on Linux; elsewhere it would apply to the whole process.
+    Neither step may fail the thread: without them inspections still run, only less politely.
+    """
+    torch.get_num_threads()  # this thread's first torch call: it copies the process default now, not later
+    try:
+        for path in _loaded_libraries("libgomp"):
+            ctypes.CDLL(path).omp_set_num_threads(1)
+        if sys.platform == "linux":
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + INSPECT_NICE))
+    except (OSError, AttributeError) as e:
+        log.warning("inspect thread: could not limit its threads or priority: %s", e)
+    log.debug("inspect thread: %d torch thread(s)", torch.get_num_threads())
+
+
 def unknown_characters(lm: LoadedModel, what: str, text: str, hint: str = "") -> APIError:
     shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in lm.vocab.unknown(text)[:20])
     return APIError(422, "unknown_characters",
@@ -71,8 +112,11 @@ class Service:
         # Loading checkpoints (rescans) runs here, off the event loop; steps and primes run in each model's
         # decode thread (app/decoder.py).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        # POST /inspect runs one at a time in its own thread; more requests wait their turn.
-        self.inspector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspect")
+        # POST /inspect runs one at a time in its own thread (one torch thread, niced); at most
+        # CHARRNN_INSPECT_QUEUE more wait their turn.
+        self.inspector = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspect",
+                                            initializer=_start_inspect_thread)
+        self.inspections = 0  # POST /inspect admitted: computing or waiting
         self.decoders: dict[str, Decoder] = {}  # by model file sha256
         self.pools: dict[str, StatePool] = {}  # session states, by model file sha256
         self.running = 0  # generations admitted and not yet finalized
@@ -231,9 +275,14 @@ class Service:
 
     # --- inspection ---
 
-    async def inspect(self, req: InspectRequest) -> InspectResult:
-        """Predictions and one layer's activations for every character of a text (the page's inspect view)."""
-        limit = self.settings.max_inspect_chars
+    async def inspect(self, req: InspectRequest) -> bytes:
+        """Predictions and some units of one layer for every character of a text (the page's inspect view).
+
+        The answer is JSON (an `InspectResult`), made in the inspect thread: its size grows with the units asked
+        for, a number per character each, and neither building nor serialising it holds up the event loop.
+        """
+        s = self.settings
+        limit = s.max_inspect_chars
         if len(req.text) > limit:
             raise invalid(f"text has {len(req.text)} characters; the limit is {limit} (CHARRNN_MAX_INSPECT_CHARS)")
         lm = self.model_named(req.model)
@@ -244,20 +293,47 @@ class Service:
         kind = req.kind or ("cell" if cfg.cell == "lstm" else "hidden")
         if kind == "cell" and cfg.cell != "lstm":
             raise invalid(f"model {lm.name!r} is a {cfg.cell.upper()}, which has no cell state; use kind 'hidden'")
+        if req.units is not None:
+            if len(req.units) > s.max_inspect_units:
+                raise invalid(f"units has {len(req.units)} entries; the limit is {s.max_inspect_units} "
+                              "(CHARRNN_MAX_INSPECT_UNITS)")
+            missing = sorted({u for u in req.units if u >= cfg.hidden})
+            if missing:
+                raise invalid(f"no such units: {', '.join(map(str, missing[:10]))}; layer {layer} of model "
+                              f"{lm.name!r} has units 0..{cfg.hidden - 1}")
         if lm.vocab.unknown(req.text):
             raise unknown_characters(lm, "text", req.text)
         ids = [lm.vocab.index[c] for c in req.text]
+        if self.inspections > s.inspect_queue:
+            raise APIError(429, "overloaded",
+                           f"{self.inspections} inspections are computing or waiting: one computes at a time and "
+                           f"at most {s.inspect_queue} wait (CHARRNN_INSPECT_QUEUE); retry shortly",
+                           headers={"Retry-After": "1"})
 
-        def run() -> InspectResult:
+        def run() -> bytes:
             t = trace(lm.engine, ids, layer, kind)
-            chars = lm.vocab.chars
-            predictions = [[{"char": chars[i], "p": round(float(p), 4)} for i, p in zip(row_ids, row_p)]
-                           for row_ids, row_p in zip(t.top_ids.tolist(), t.top_probs.tolist())]
-            return InspectResult(model=lm.name, layer=layer, kind=kind, units=cfg.hidden, chars=list(req.text),
-                                 predictions=predictions, activations=t.activations.round(3).tolist(),
-                                 suggestions=interesting_units(req.text, t.activations))
+            suggestions = interesting_units(req.text, t.activations)
+            shown = list(dict.fromkeys(req.units if req.units is not None else [x["unit"] for x in suggestions]))
+            # float64 before rounding: a float32 0.123 prints as 0.12300000339746475
+            rows = t.activations[:, shown].T.astype(np.float64).round(3)  # (units shown, T)
+            predictions = None
+            if req.predictions:
+                chars = lm.vocab.chars
+                predictions = [[{"char": chars[i], "p": round(p, 4)} for i, p in zip(row_ids, row_p)]
+                               for row_ids, row_p in zip(t.top_ids.tolist(), t.top_probs.tolist())]
+            result = InspectResult(model=lm.name, layer=layer, kind=kind, units=cfg.hidden,
+                                   max_units=s.max_inspect_units, chars=list(req.text), predictions=predictions,
+                                   units_shown=shown, activations=rows.tolist(), suggestions=suggestions)
+            return result.model_dump_json().encode()
 
-        return await asyncio.get_running_loop().run_in_executor(self.inspector, run)
+        loop = asyncio.get_running_loop()
+        job = self.inspector.submit(run)
+        self.inspections += 1  # until the job ends, or is cancelled while it waits
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._inspection_ended))
+        return await asyncio.wrap_future(job)
+
+    def _inspection_ended(self) -> None:
+        self.inspections -= 1
 
     def begin_shutdown(self) -> None:
         """Stop admitting generations and end the open ones (each gets a final event)."""

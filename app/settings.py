@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_stop_chars: int = Field(64, ge=1)  # length of one stop string
     max_body_bytes: int = Field(1_000_000, ge=1_000)  # request body size
     max_inspect_chars: int = Field(2_000, ge=1)  # text of POST /inspect (the answer has a row per character)
+    max_inspect_units: int = Field(64, ge=1)  # units one POST /inspect may name (each adds a number per character)
+    inspect_queue: int = Field(4, ge=0)  # POST /inspect waiting behind the one that computes; past it: 429
 
     # Capacity
     max_streams: int = Field(256, ge=1)  # generations running at once; past it: 429 with Retry-After

@@ -140,8 +140,42 @@ def test_inspect_renders_a_heat_map_with_predictions(page, tmp_path):
     expect(page.locator("#suggestions button").first).to_contain_text("unit")
     before = spans.evaluate_all("els => els.map(e => e.style.backgroundColor)")
     page.click("#unit-next")
+    expect(page.locator("#inspect-result")).to_have_attribute("data-unit", page.input_value("#unit"))
     assert spans.evaluate_all("els => els.map(e => e.style.backgroundColor)") != before
     spans.nth(3).hover()
     expect(page.locator("#predictions .prediction")).to_have_count(5)
     expect(page.locator("#predictions")).to_contain_text('after "s"')
     page.screenshot(path=tmp_path / "inspect.png")
+
+
+def test_inspect_fetches_a_unit_that_was_not_in_the_first_answer(page, server):
+    """The first answer has the suggested units only; stepping to another asks for its block of units, once."""
+    answers = []
+    page.on("response", lambda r: answers.append(r) if r.url.endswith("/inspect") else None)
+    page.click("#tab-inspect")
+    text = "First Citizen:\nSpeak, speak.\n"
+    page.fill("#inspect-text", text)
+    page.select_option("#layer", "0")
+    page.click("#inspect")
+    expect(page.locator("#heatmap span")).to_have_count(len(text))
+    shown = answers[0].json()["units_shown"]
+    unit = min(set(range(32)) - set(shown))  # not in the first answer
+    page.fill("#unit", str(unit))
+    page.dispatch_event("#unit", "change")
+    expect(page.locator("#inspect-result")).to_have_attribute("data-unit", str(unit))
+    assert len(answers) == 2 and answers[1].request.post_data_json["predictions"] is False
+    assert unit in answers[1].request.post_data_json["units"]
+    with server.client() as c:  # the heat map is the API's values of that unit
+        values = c.post("/inspect", json={"text": text, "layer": 0, "kind": "cell", "units": [unit]}).json()
+    expected = page.evaluate("""values => values.map((v) => {
+        const probe = document.createElement("span");
+        probe.style.backgroundColor = heat(v);
+        return probe.style.backgroundColor;
+    })""", values["activations"][0])
+    assert page.locator("#heatmap span").evaluate_all("els => els.map(e => e.style.backgroundColor)") == expected
+    page.locator("#heatmap span").nth(3).hover()
+    value = f"{values['activations'][0][3]:.3f}".replace("-0.000", "0.000")  # as JavaScript's toFixed(3)
+    expect(page.locator("#predictions")).to_contain_text(f"(unit {unit}: {value})")
+    page.click("#unit-prev")  # the same block: no new request
+    expect(page.locator("#inspect-result")).to_have_attribute("data-unit", str(max(0, unit - 1)))
+    assert len(answers) == 2

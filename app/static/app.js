@@ -9,7 +9,7 @@ const state = {
   vocab: new Set(),
   sessionId: null,    // the session of the last generation, for Continue
   controller: null,   // AbortController of the running generation
-  inspect: null,      // the last POST /inspect answer
+  inspect: null,      // the last inspection: its request, answer, and the units' values fetched so far
 };
 
 // ---- errors ----
@@ -243,12 +243,10 @@ async function inspect() {
     return;
   }
   $("inspect").disabled = true;
+  const request = { model: state.model.name, text, layer: Number($("layer").value), kind: $("kind").value };
   try {
-    state.inspect = await getJSON("/inspect", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model: state.model.name, text, layer: Number($("layer").value), kind: $("kind").value }),
-    });
+    const result = await postInspect(request);
+    state.inspect = { request, result, rows: unitRows(result), loading: new Map() };
   } catch (e) {
     showError(e.message);
     return;
@@ -258,8 +256,42 @@ async function inspect() {
   renderInspect();
 }
 
+function postInspect(body) {
+  return getJSON("/inspect", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+}
+
+// An answer has the values of a few units (`units_shown`); keep them by unit number.
+function unitRows(result) {
+  return new Map(result.units_shown.map((unit, k) => [unit, result.activations[k]]));
+}
+
+// The first answer holds the suggested units; any other unit is fetched with the block of units around it
+// (same text, layer and kind, no predictions), once.
+const UNIT_BLOCK = 64;
+
+function loadUnits(inspection, unit) {
+  const size = Math.min(UNIT_BLOCK, inspection.result.max_units);
+  const first = Math.floor(unit / size) * size;
+  if (!inspection.loading.has(first)) {
+    const units = [];
+    for (let u = first; u < Math.min(first + size, inspection.result.units); u++) {
+      if (!inspection.rows.has(u)) units.push(u);
+    }
+    const request = postInspect({ ...inspection.request, units, predictions: false }).then((result) => {
+      for (const [u, row] of unitRows(result)) inspection.rows.set(u, row);
+    });
+    request.catch(() => inspection.loading.delete(first));  // a failed block may be asked for again
+    inspection.loading.set(first, request);
+  }
+  return inspection.loading.get(first);
+}
+
 function renderInspect() {
-  const result = state.inspect;
+  const result = state.inspect.result;
   const heatmap = $("heatmap");
   heatmap.replaceChildren();
   result.chars.forEach((c, i) => {
@@ -282,30 +314,48 @@ function renderInspect() {
   }));
   $("inspect-result").hidden = false;
   $("inspect-result").dataset.shown = `${result.layer}:${result.kind}`;  // which layer the heat map is of
+  delete $("inspect-result").dataset.unit;
   showUnit(result.suggestions.length ? result.suggestions[0].unit : 0);
 }
 
-function showUnit(unit) {
-  const result = state.inspect;
-  if (!result) return;
-  unit = Math.max(0, Math.min(result.units - 1, unit));
+async function showUnit(unit) {
+  const inspection = state.inspect;
+  if (!inspection) return;
+  unit = Math.max(0, Math.min(inspection.result.units - 1, unit));
   $("unit").value = String(unit);
+  if (!inspection.rows.has(unit)) {
+    $("unit-status").textContent = `loading unit ${unit}…`;
+    try {
+      await loadUnits(inspection, unit);
+    } catch (e) {
+      if (state.inspect === inspection && Number($("unit").value) === unit) {
+        $("unit-status").textContent = "";
+        showError(e.message);
+      }
+      return;
+    }
+  }
+  if (state.inspect !== inspection || Number($("unit").value) !== unit) return;  // the user has moved on
+  $("unit-status").textContent = "";
+  const row = inspection.rows.get(unit);
   const spans = $("heatmap").children;
-  for (let i = 0; i < spans.length; i++) spans[i].style.backgroundColor = heat(result.activations[i][unit]);
+  for (let i = 0; i < spans.length; i++) spans[i].style.backgroundColor = heat(row[i]);
+  $("inspect-result").dataset.unit = String(unit);  // the unit the heat map shows
 }
 
 function showPredictions(event) {
   const span = event.target.closest("span[data-index]");
   if (!span || !state.inspect) return;
+  const { result, rows } = state.inspect;
   for (const old of $("heatmap").querySelectorAll(".hover")) old.classList.remove("hover");
   span.classList.add("hover");
   const i = Number(span.dataset.index);
   const unit = Number($("unit").value);
   const shown = (c) => JSON.stringify(c);
   const panel = $("predictions");
-  panel.replaceChildren(`after ${shown(state.inspect.chars[i])} (unit ${unit}: ` +
-    `${state.inspect.activations[i][unit].toFixed(3)}) the model expects: `);
-  for (const p of state.inspect.predictions[i]) {
+  const value = rows.has(unit) ? rows.get(unit)[i].toFixed(3) : "…";
+  panel.replaceChildren(`after ${shown(result.chars[i])} (unit ${unit}: ${value}) the model expects: `);
+  for (const p of result.predictions[i]) {
     const item = document.createElement("span");
     item.className = "prediction";
     const bar = document.createElement("span");
