@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -29,6 +30,15 @@ def invalid(message: str) -> APIError:
 
 def error_body(type: str, message: str) -> dict:
     return {"error": {"type": type, "message": message}}
+
+
+async def send_error(send, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """Answer an error straight from ASGI middleware (before any route), in the same JSON shape."""
+    body = json.dumps(error_body(type, message)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _describe(errors: list[dict]) -> str:

@@ -8,12 +8,17 @@ import logging
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
+from app.auth import Guard, KeyRing, load_keys
 from app.errors import install_error_handlers
-from app.middleware import BodyLimit, RequestMetrics
+from app.logs import configure_logging
+from app.middleware import AccessLog, BodyLimit, RequestMetrics
 from app.openapi import install_openapi
+from app.schemas import ErrorResponse
 from app.routes import admin, generate, health, inspect, models, page, sessions
 from app.service import Service
 from app.settings import Settings
@@ -32,6 +37,7 @@ async def _renew_session_locks(service: Service) -> None:
     while True:
         await asyncio.sleep(service.settings.session_lock_ttl_s / 3)
         await service.sessions.renew_locks()
+        await service.quotas.renew()
 
 
 async def _poll_model_store(service: Service) -> None:
@@ -58,8 +64,23 @@ async def _watch_for_shutdown(service: Service) -> None:
     service.begin_shutdown()
 
 
+def _refusals(keys: bool, admin: bool) -> dict:
+    """The refusals of app.auth.Guard a route can answer, for the OpenAPI document."""
+    refusals = {429: {"model": ErrorResponse, "description": "Past a per-client limit (Retry-After given)."}}
+    if keys:
+        refusals[401] = {"model": ErrorResponse, "description": "No API key, or not a valid one."}
+    if admin:
+        refusals[403] = {"model": ErrorResponse, "description": "Not an admin key, or (without admin keys) "
+                                                               "not from loopback."}
+    return refusals
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    configure_logging(settings.access_log)
+    api_keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file, "CHARRNN_API_KEYS"))
+    admin_keys = KeyRing(load_keys(settings.admin_keys, settings.admin_keys_file, "CHARRNN_ADMIN_KEYS"))
+    cors_origins = frozenset(o.strip() for o in settings.cors_origins.split(",") if o.strip())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -84,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             service.executor.shutdown(wait=False, cancel_futures=True)
             service.inspector.shutdown(wait=False, cancel_futures=True)
             await service.sessions.close()
+            await service.quotas.close()
 
     app = FastAPI(
         title="char-rnn service",
@@ -94,13 +116,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = Service(settings)
     app.state.metrics = app.state.service.metrics
     install_error_handlers(app)
-    for router in (generate.router, inspect.router, models.router, sessions.router, health.router, admin.router,
-                   page.router):
-        app.include_router(router)
+    # Declares the key scheme in the OpenAPI document; app.auth.Guard does the checking, before any route.
+    keys = bool(api_keys or admin_keys)
+    bearer = [Security(HTTPBearer(auto_error=False))] if api_keys else []
+    for router in (generate.router, inspect.router, models.router, sessions.router, health.metrics_router):
+        app.include_router(router, dependencies=bearer, responses=_refusals(keys, False))
+    app.include_router(health.router)  # /healthz and /readyz: open to anyone
+    app.include_router(admin.router, dependencies=[Security(HTTPBearer(auto_error=False))] if keys else [],
+                       responses=_refusals(keys, True))
+    app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     install_openapi(app, settings)  # /openapi.json with this server's limits and every answer it gives
+    # Outermost last: ids and the access log, metrics, CORS preflights, then keys and limits, then body size.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Guard, api_keys=api_keys, admin_keys=admin_keys, cors_origins=cors_origins,
+                       quotas=app.state.service.quotas)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id", "Last-Event-ID"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
     app.add_middleware(RequestMetrics, metrics=app.state.service.metrics)
+    app.add_middleware(AccessLog)
     return app
 
 

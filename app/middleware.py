@@ -1,13 +1,70 @@
-"""ASGI middleware: request counting by route and status, and a cap on request body size."""
+"""ASGI middleware: request ids and the JSON access log, request counting by route and status, and a cap
+on request body size."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
+import uuid
+from datetime import datetime, timezone
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body
+from app.errors import send_error
 from app.metrics import Metrics
+
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+access_log = logging.getLogger("charrnn.access")
+
+
+class AccessLog:
+    """Give every request an id (the client's `X-Request-Id` if it is a plain token, else a new one), echo it
+    in the response, and log one JSON line per request when its response ends (a stream: when it closes).
+
+    The line has the client as `app.auth.Guard` named it (a key's fingerprint or an address), never a key,
+    and the path without its query string, which may carry a prime.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status, sent = 500, 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                client = state.get("client")
+                access_log.info(json.dumps({
+                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "request_id": request_id,
+                    "client": client.id if client is not None else None,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "bytes": sent,
+                    "ms": round((time.perf_counter() - started) * 1000, 1),
+                }))
 
 
 class RequestMetrics:
@@ -69,8 +126,5 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        payload = json.dumps(error_body(
-            "payload_too_large", f"request body is over {self.max_bytes} bytes (CHARRNN_MAX_BODY_BYTES)")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+        await send_error(send, 413, "payload_too_large",
+                         f"request body is over {self.max_bytes} bytes (CHARRNN_MAX_BODY_BYTES)")

@@ -88,7 +88,8 @@ class RedisSessionStore:
         data, shape = encode_state(session.state)
         return {"model": session.model, "sha256": session.model_sha256, "next_input": str(session.next_input),
                 "created": repr(session.created), "last_used": repr(session.last_used),
-                "generated_chars": str(session.generated_chars), "shape": shape, "state": data}
+                "generated_chars": str(session.generated_chars), "owner": session.owner or "",
+                "shape": shape, "state": data}
 
     @staticmethod
     def _apply(session: Session, raw: dict[bytes, bytes]) -> None:
@@ -107,7 +108,8 @@ class RedisSessionStore:
         if not raw:
             return None
         session = Session(session_id, raw[b"model"].decode(), raw[b"sha256"].decode(), None, -1, 0,
-                          created=float(raw[b"created"]), busy=bool(locked))
+                          created=float(raw[b"created"]), owner=raw.get(b"owner", b"").decode() or None,
+                          busy=bool(locked))
         self._apply(session, raw)
         return session
 

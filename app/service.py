@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 
+from app.auth import Client
 from app.decoder import Decoder, SamplingParams, Stream, seeded_generator
 from app.errors import APIError, invalid
 from app.metrics import Metrics
+from app.quotas import Quotas
 from app.registry import LoadedModel, Registry, ScanResult
 from app.schemas import GenerateRequest, GenerateResult, InspectRequest, InspectResult
 from charrnn.activations import interesting_units, trace
@@ -41,6 +43,7 @@ class Generation:
     lm: LoadedModel
     prime_chars: int
     started: float
+    quota: str  # the client's generation slot (app/quotas.py)
     finalized: bool = False
 
     def result(self) -> GenerateResult:
@@ -109,6 +112,7 @@ class Service:
         self.metrics = Metrics()
         self.registry = Registry(settings.model_store, settings.decode_precision)
         self.sessions = make_session_store(settings, self.metrics)
+        self.quotas = Quotas(settings, self.metrics)
         # Loading checkpoints (rescans) runs here, off the event loop; steps and primes run in each model's
         # decode thread (app/decoder.py).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -183,7 +187,32 @@ class Service:
                 raise invalid(f"a stop string has {len(stop)} characters; the limit is {s.max_stop_chars} "
                               "(CHARRNN_MAX_STOP_CHARS)")
 
-    async def start(self, req: GenerateRequest) -> Generation:
+    async def find_session(self, client: Client, session_id: str) -> Session | None:
+        """The session, if it exists and belongs to the client's key: other keys' sessions look absent."""
+        session = await self.sessions.get(session_id)
+        if session is None or session.owner != client.owner:
+            return None
+        return session
+
+    async def _take_slots(self, client: Client, new_session: bool) -> str:
+        """Count the request against the server's and the client's limits; a quota token, or a 429."""
+        if self.running >= self.settings.max_streams:
+            raise APIError(429, "overloaded",
+                           f"{self.running} generations are running, the limit (CHARRNN_MAX_STREAMS) is "
+                           f"{self.settings.max_streams}; retry shortly", headers={"Retry-After": "1"})
+        if new_session and (retry := await self.quotas.hit_session(client)) is not None:
+            raise APIError(429, "too_many_sessions",
+                           f"this client started too many sessions (CHARRNN_CLIENT_SESSIONS="
+                           f"{self.settings.client_sessions}); continue one with session_id, or retry in {retry} s",
+                           headers={"Retry-After": str(retry)})
+        token = await self.quotas.start_stream(client)
+        if token is None:
+            raise APIError(429, "too_many_streams",
+                           f"this client already has {self.settings.client_max_streams} generations running "
+                           "(CHARRNN_CLIENT_MAX_STREAMS); retry when one ends", headers={"Retry-After": "1"})
+        return token
+
+    async def start(self, req: GenerateRequest, client: Client) -> Generation:
         """Validate everything, reserve a slot, prime the state and hand the stream to the model's decoder.
 
         Every refusal happens here, before a byte of the response is sent.
@@ -197,7 +226,7 @@ class Service:
 
         session: Session | None = None
         if req.session_id is not None:
-            session = await self.sessions.get(req.session_id)
+            session = await self.find_session(client, req.session_id)
             if session is None:
                 raise APIError(404, "session_not_found",
                                f"no session {req.session_id!r}: it never existed, was deleted, or expired "
@@ -220,15 +249,16 @@ class Service:
             prime = "".join(c for c in prime if c in lm.vocab.index)
         prime_ids = [lm.vocab.index[c] for c in prime]
 
-        if self.running >= self.settings.max_streams:
-            raise APIError(429, "overloaded",
-                           f"{self.running} generations are running, the limit (CHARRNN_MAX_STREAMS) is "
-                           f"{self.settings.max_streams}; retry shortly", headers={"Retry-After": "1"})
+        quota = await self._take_slots(client, new_session=session is None)
         try:
             if session is not None and not await self.sessions.acquire(session):
                 raise APIError(409, "session_busy", f"session {session.id} is already generating; one at a time")
         except SessionGone:
+            await self.quotas.end_stream(quota)
             raise APIError(404, "session_not_found", f"session {req.session_id!r} was deleted or expired") from None
+        except BaseException:
+            await self.quotas.end_stream(quota)
+            raise
 
         self.running += 1
         try:
@@ -241,10 +271,11 @@ class Service:
                 pool = self.pools.get(lm.sha256)
                 if pool is None and self.sessions.keeps_states:
                     pool = self.pools[lm.sha256] = StatePool(state)
-                session = Session.create(new_session_id(), lm.name, lm.sha256, pool, state, ids[-1])
+                session = Session.create(new_session_id(), lm.name, lm.sha256, pool, state, ids[-1], client.owner)
                 await self.sessions.add(session)
         except BaseException:
             self.running -= 1
+            await self.quotas.end_stream(quota)
             if session is not None:
                 await self.sessions.save(session)  # releases it unchanged
             raise
@@ -253,7 +284,7 @@ class Service:
         stream = Stream(state, ids[-1], params, seeded_generator(req.seed), lm.vocab.chars)
         self.decoder_for(lm).add(stream)
         self.metrics.streams_running.labels(model=lm.name).inc()
-        return Generation(stream, session, lm, len(prime), started)
+        return Generation(stream, session, lm, len(prime), started, quota)
 
     async def finalize(self, gen: Generation) -> None:
         """Store the session as of the last delivered character, and free the slot (idempotent)."""
@@ -268,6 +299,8 @@ class Service:
         session.next_input = stream.next_input
         session.generated_chars += len(stream.text)
         self.running -= 1
+        with anyio.CancelScope(shield=True):
+            await self.quotas.end_stream(gen.quota)
         self.metrics.streams_running.labels(model=gen.lm.name).dec()
         self.metrics.generated_chars.labels(model=gen.lm.name).inc(len(stream.text))
         with anyio.CancelScope(shield=True):

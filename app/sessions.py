@@ -87,14 +87,15 @@ class Session:
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     generated_chars: int = 0
+    owner: str | None = None  # fingerprint of the API key that made it (app/auth.py); None without keys
     busy: bool = False
     released: bool = False
     loose: State | None = None
 
     @classmethod
     def create(cls, id: str, model: str, model_sha256: str, pool: StatePool | None, state: State,
-               next_input: int) -> Session:
-        session = cls(id, model, model_sha256, pool, pool.alloc() if pool else -1, next_input)
+               next_input: int, owner: str | None = None) -> Session:
+        session = cls(id, model, model_sha256, pool, pool.alloc() if pool else -1, next_input, owner=owner)
         session.state = state
         return session
 

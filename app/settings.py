@@ -8,10 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from charrnn.runtime import available_cpus
+
+
+RATE_PATTERN = r"^(|\d+\s*/\s*(second|minute|hour|day))$"
 
 
 class Settings(BaseSettings):
@@ -51,9 +54,41 @@ class Settings(BaseSettings):
     # thread keeps a stream's rate beside them (docs/benchmarks.md, "Fair under contention").
     threads: int | None = Field(None, ge=1)
 
+    # Access (docs/security.md)
+    # API keys, comma-separated, and/or a file of keys (one per line, # comments). Set: every route but
+    # /healthz, /readyz and the page needs `Authorization: Bearer <key>`, and sessions belong to their key.
+    api_keys: SecretStr = SecretStr("")
+    api_keys_file: Path | None = None
+    # Keys for /admin/* (they also work as API keys). Unset: /admin/* answers only on loopback.
+    admin_keys: SecretStr = SecretStr("")
+    admin_keys_file: Path | None = None
+    # Browser origins allowed to call the API from other sites (comma-separated; off by default). Other
+    # sites' POST and DELETE requests are refused (403) even when they need no CORS preflight.
+    cors_origins: str = ""
+    access_log: bool = True  # one JSON line per request on stderr (request id, client, route, status, time)
+
+    # Per-client limits: a client is its API key, or its address without keys (shared through Redis when the
+    # session store is Redis). Rates are `<count>/<second|minute|hour|day>`, empty to turn one off; 429 past them.
+    client_rate: str = Field("600/minute", pattern=RATE_PATTERN)  # requests (all but health, readiness, page)
+    client_sessions: str = Field("1000/hour", pattern=RATE_PATTERN)  # new sessions: one client cannot evict all
+    client_max_streams: int = Field(32, ge=0)  # generations running at once per client (0: no limit)
+
     # Streaming and lifecycle
     sse_ping_s: float = Field(15.0, gt=0)  # keep-alive comment interval on idle streams
     shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM: time for open streams to get their final event
+
+    # Streaming and lifecycle
+    sse_ping_s: float = Field(15.0, gt=0)  # keep-alive comment interval on idle streams
+    shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM: time for open streams to get their final event
+
+    # Connections (app/connections.py; applied by `charrnn serve`, not by a bare `uvicorn app.main:app`)
+    # A connection is closed if its request head is not complete this long after it opens or after its last
+    # response: slowloris and silent sockets cannot hold a file descriptor forever.
+    header_timeout_s: float = Field(10.0, gt=0)
+    keep_alive_s: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this long
+    # Connections held at once; past it a new one is answered 503 (Retry-After) and closed. Never more than the
+    # open-file limit (raised to its hard limit at start) less app.connections.FD_RESERVE.
+    max_connections: int = Field(1000, ge=1)
 
     def decode_threads(self) -> int:
         """Torch threads for model compute: `threads`, or derived from the CPUs this process may use."""

@@ -28,12 +28,18 @@ def single_model_store(checkpoint: Path) -> Path:
     return store
 
 
-def charrnn_server(store: Path, name: str, repo: Path = REPO, **env: str) -> ServerProcess:
-    """`charrnn serve` of `repo` (another checkout for A/B runs) serving `store`, with the allocator settings."""
+# A benchmark is one client playing many users: the per-client limits (docs/security.md) would refuse it.
+NO_CLIENT_LIMITS = {"CHARRNN_CLIENT_RATE": "", "CHARRNN_CLIENT_SESSIONS": "", "CHARRNN_CLIENT_MAX_STREAMS": "0"}
+
+
+def charrnn_server(store: Path, name: str, repo: Path = REPO, client_limits: bool = False, **env: str) -> ServerProcess:
+    """`charrnn serve` of `repo` (another checkout for A/B runs) serving `store`, with the allocator settings
+    and, unless `client_limits`, without per-client limits."""
     module = "cli" if (repo / "cli").is_dir() else "charrnn"  # earlier versions: python -m charrnn
     command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--log-level", "warning"]
+    limits = {} if client_limits else NO_CLIENT_LIMITS
     return ServerProcess(command, cwd=repo, env={"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": name,
-                                                 **ALLOCATOR_ENV, "CHARRNN_NO_REEXEC": "1", **env})
+                                                 **ALLOCATOR_ENV, "CHARRNN_NO_REEXEC": "1", **limits, **env})
 
 
 def free_port() -> int:

@@ -219,6 +219,7 @@ def serve(
         port=port,
         workers=1,  # sessions and decode loops live in the process
         log_level=log_level,
+        access_log=False,  # the app logs each request as JSON, with its request id (app/middleware.py)
         # Streams get `shutdown_grace_s` to receive their final event; uvicorn waits a little longer.
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 2,
     )

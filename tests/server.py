@@ -70,9 +70,11 @@ class Server:
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
 
-    def metric(self, name: str, labels: str = "") -> float:
+    def metric(self, name: str, labels: str = "", headers: dict[str, str] | None = None) -> float:
         """The value of one sample of /metrics (0 if absent)."""
-        text = httpx.get(self.url + "/metrics").text
+        r = httpx.get(self.url + "/metrics", headers=headers)
+        assert r.status_code == 200, r.text
+        text = r.text
         pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else r"(?:\{\})?") + r" (\S+)"
         match = re.search("^" + pattern + "$", text, flags=re.M)
         return float(match.group(1)) if match else 0.0

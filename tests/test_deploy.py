@@ -93,7 +93,9 @@ def test_image_and_compose_agree():
     assert {".git", ".venv", "runs", "tests", "data"} <= set(ignored)
     for service in ("replica", "train"):
         assert services[service]["profiles"]
-    assert services["replica"]["environment"] == api["environment"]
+    # the replicas run as the api does, and trust the client address that nginx (their only peer) sets
+    assert services["replica"]["environment"] == {**api["environment"], "FORWARDED_ALLOW_IPS": "*"}
+    assert "ports" not in services["replica"] and "proxy_set_header X-Forwarded-For $remote_addr;" in nginx
 
 
 def as_on_this_machine(value: str, volumes: list[str], workdir: str, redis_url: str) -> str:
@@ -160,11 +162,12 @@ def nginx_binary() -> str:
 @pytest.fixture(scope="module")
 def balanced(model_store, redis_server, tmp_path_factory):
     """deploy/nginx.conf with its upstreams pointed at two local replicas; yields (nginx url, replicas)."""
-    replicas = [Server(model_store, env={"CHARRNN_SESSION_STORE": redis_server.url}).start() for _ in range(2)]
+    env = {"CHARRNN_SESSION_STORE": redis_server.url, "FORWARDED_ALLOW_IPS": "*"}  # as docker-compose.yml
+    replicas = [Server(model_store, env=env).start() for _ in range(2)]
     folder = tmp_path_factory.mktemp("nginx")
     port = free_port()
     site = (REPO / "deploy" / "nginx.conf").read_text()
-    site, count = re.subn(r"server api:8000;\s*server replica:8000;",
+    site, count = re.subn(r"server replica:8000;",
                           " ".join(f"server 127.0.0.1:{r.port};" for r in replicas), site)
     assert count == 1
     site = site.replace("listen 8080;", f"listen 127.0.0.1:{port};")
@@ -221,3 +224,17 @@ def test_a_session_continues_through_nginx_whichever_replica_answers(balanced):
         assert first + "".join(parts) == whole
     served = [r.metric("charrnn_generated_chars_total", 'model="tiny"') for r in replicas]
     assert all(n > 0 for n in served)  # nginx spread the requests over both replicas
+
+
+def test_replicas_see_the_address_nginx_saw_not_one_the_client_claims(balanced):
+    """The replicas trust X-Forwarded-For (per-client limits count clients, not nginx); nginx replaces it."""
+    url, replicas = balanced
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for i in range(4):
+            r = client.get("/models", headers={"X-Forwarded-For": f"198.51.100.{i}", "X-Request-Id": f"xff-{i}"})
+            assert r.status_code == 200
+    time.sleep(0.3)
+    lines = [json.loads(line) for r in replicas for line in r.log_path.read_text().splitlines()
+             if line.startswith("{")]
+    seen = {line["request_id"]: line["client"] for line in lines if line["request_id"].startswith("xff-")}
+    assert seen == {f"xff-{i}": "address:127.0.0.1" for i in range(4)}

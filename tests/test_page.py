@@ -179,3 +179,32 @@ def test_inspect_fetches_a_unit_that_was_not_in_the_first_answer(page, server):
     page.click("#unit-prev")  # the same block: no new request
     expect(page.locator("#inspect-result")).to_have_attribute("data-unit", str(max(0, unit - 1)))
     assert len(answers) == 2
+
+
+def test_with_api_keys_the_page_asks_for_one_and_keeps_it(browser, model_store):
+    key = "page-key-0123456789abcdef"
+    keyed = Server(model_store, env={"CHARRNN_API_KEYS": key}).start()
+    try:
+        page = browser.new_page()
+        page.goto(keyed.url + "/")  # the page itself is open; the API answers 401 until a key is given
+        expect(page.locator("#key-form")).to_be_visible()
+        expect(page.locator("#error")).to_contain_text("authentication_error")
+        page.fill("#api-key", "wrong-key-0123456789abcdef")
+        page.click("#use-key")
+        expect(page.locator("#key-form")).to_be_visible()
+        page.fill("#api-key", key)
+        page.click("#use-key")
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        expect(page.locator("#key-form")).to_be_hidden()
+        page.fill("#prime", "ROMEO:")
+        page.fill("#length", "40")
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("done (length, 40 characters)")
+        page.reload()  # kept in the browser: no question the second time
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        expect(page.locator("#key-form")).to_be_hidden()
+        assert page.evaluate("localStorage.getItem('charrnn-api-key')") == key
+        page.evaluate("localStorage.removeItem('charrnn-api-key')")
+        page.close()
+    finally:
+        keyed.stop()

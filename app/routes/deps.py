@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.auth import Client
 from app.service import Service
 
 
@@ -12,3 +13,11 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def get_client(request: Request) -> Client:
+    """The caller, as `app.auth.Guard` named it (its key, or its address)."""
+    return request.state.client
+
+
+ClientDep = Annotated[Client, Depends(get_client)]

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
 from app.errors import APIError, error_body
-from app.routes.deps import ServiceDep
+from app.auth import Client
+from app.routes.deps import ClientDep, ServiceDep
 from app.schemas import ErrorResponse, GenerateParams, GenerateRequest, GenerateResult, StartEvent, TokenEvent
 from app.service import Generation, Service
 from app.sse import event_frame, event_response, token_frame
@@ -126,8 +127,8 @@ async def _ended_by_client(request: Request, gen: Generation, metrics) -> None:
         gen.stream.finish("cancelled")
 
 
-async def _respond(service: Service, req: GenerateRequest, request: Request):
-    gen = await service.start(req)
+async def _respond(service: Service, req: GenerateRequest, request: Request, client: Client):
+    gen = await service.start(req, client)
     if req.stream:
         return event_response(_events(service, gen), service.settings.sse_ping_s, service.settings.shutdown_grace_s)
     watcher = asyncio.create_task(_ended_by_client(request, gen, service.metrics))
@@ -146,15 +147,16 @@ async def _respond(service: Service, req: GenerateRequest, request: Request):
 
 
 @router.post("/generate", responses=POST_RESPONSES, response_model=GenerateResult)
-async def generate(body: GenerateRequest, service: ServiceDep, request: Request):
+async def generate(body: GenerateRequest, service: ServiceDep, request: Request, client: ClientDep):
     """Generate text continuing `prime` (or a session), streamed character by character."""
-    return await _respond(service, body, request)
+    return await _respond(service, body, request, client)
 
 
 # response_class=Response: no JSON answer to document (FastAPI would add one for its default JSONResponse).
 @router.get("/generate", responses=RESPONSES, response_class=Response)
-async def generate_get(params: Annotated[GenerateParams, Query()], service: ServiceDep, request: Request):
+async def generate_get(params: Annotated[GenerateParams, Query()], service: ServiceDep, request: Request,
+                       client: ClientDep):
     """The same as POST with the parameters in the query string, always streamed (for `EventSource`)."""
     # exclude_unset: a max_chars left out stays left out (Service.start clamps the default to the limit)
     req = GenerateRequest(**params.model_dump(exclude_unset=True), stream=True)
-    return await _respond(service, req, request)
+    return await _respond(service, req, request, client)

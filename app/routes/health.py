@@ -9,6 +9,7 @@ from app.schemas import Health
 from app.sessions import SessionStoreUnavailable
 
 router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])  # apart: with API keys it needs one, health and readiness do not
 
 
 @router.get("/healthz", response_model=Health)
@@ -33,7 +34,7 @@ async def readyz(service: ServiceDep):
     return Health(status="ready", models=len(service.registry.models))
 
 
-@router.get("/metrics", response_class=Response, responses={200: {
+@metrics_router.get("/metrics", response_class=Response, responses={200: {
     "description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(service: ServiceDep) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

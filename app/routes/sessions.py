@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Path, Response
 
 from app.errors import APIError
-from app.routes.deps import ServiceDep
+from app.routes.deps import ClientDep, ServiceDep
 from app.schemas import SESSION_ID_PATTERN, ErrorResponse, SessionInfo
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -19,8 +19,8 @@ def _not_found(session_id: str) -> APIError:
 
 
 @router.get("/{session_id}", response_model=SessionInfo, responses={**NOT_FOUND, **STORE_DOWN})
-async def get_session(service: ServiceDep, session_id: str = SessionId) -> SessionInfo:
-    session = await service.sessions.get(session_id)
+async def get_session(service: ServiceDep, client: ClientDep, session_id: str = SessionId) -> SessionInfo:
+    session = await service.find_session(client, session_id)
     if session is None:
         raise _not_found(session_id)
     return SessionInfo(session_id=session.id, model=session.model, created=session.created,
@@ -29,8 +29,8 @@ async def get_session(service: ServiceDep, session_id: str = SessionId) -> Sessi
 
 @router.delete("/{session_id}", status_code=204, responses={
     **NOT_FOUND, 409: {"model": ErrorResponse, "description": "The session is generating."}, **STORE_DOWN})
-async def delete_session(service: ServiceDep, session_id: str = SessionId) -> Response:
-    session = await service.sessions.get(session_id)
+async def delete_session(service: ServiceDep, client: ClientDep, session_id: str = SessionId) -> Response:
+    session = await service.find_session(client, session_id)
     if session is None:
         raise _not_found(session_id)
     if session.busy:

@@ -34,8 +34,35 @@ async function errorMessage(response) {
   return `HTTP ${response.status}: ${text.slice(0, 300)}`;
 }
 
+// ---- API key: a server with CHARRNN_API_KEYS set answers 401 without one; the page then asks for it ----
+
+const KEY_STORAGE = "charrnn-api-key";  // kept in this browser's localStorage, sent only to this server
+
+function withKey(options = {}) {
+  const key = localStorage.getItem(KEY_STORAGE);
+  if (!key) return options;
+  return { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } };
+}
+
+async function api(url, options) {
+  const response = await fetch(url, withKey(options));
+  if (response.status === 401) $("key-form").hidden = false;
+  return response;
+}
+
+function useKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (key) localStorage.setItem(KEY_STORAGE, key);
+  else localStorage.removeItem(KEY_STORAGE);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  clearError();
+  start();
+}
+
 async function getJSON(url, options) {
-  const response = await fetch(url, options);
+  const response = await api(url, options);
   if (!response.ok) throw new Error(await errorMessage(response));
   return response.json();
 }
@@ -184,7 +211,7 @@ async function generate(continuing) {
   };
   const figures = setInterval(showFigures, 200);
   try {
-    const response = await fetch("/generate", {
+    const response = await api("/generate", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
       body: JSON.stringify(body),
@@ -389,7 +416,12 @@ function wire() {
   $("unit-prev").addEventListener("click", () => showUnit(Number($("unit").value) - 1));
   $("unit-next").addEventListener("click", () => showUnit(Number($("unit").value) + 1));
   $("heatmap").addEventListener("mouseover", showPredictions);
+  $("key-form").addEventListener("submit", useKey);
+}
+
+function start() {
+  loadModels().then(() => document.body.dataset.ready = "true").catch((e) => showError(`Could not load models: ${e.message}`));
 }
 
 wire();
-loadModels().then(() => document.body.dataset.ready = "true").catch((e) => showError(`Could not load models: ${e.message}`));
+start();
