@@ -77,10 +77,6 @@ class Settings(BaseSettings):
     sse_ping_s: float = Field(15.0, gt=0)  # keep-alive comment interval on idle streams
     shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM: time for open streams to get their final event
 
-    # Streaming and lifecycle
-    sse_ping_s: float = Field(15.0, gt=0)  # keep-alive comment interval on idle streams
-    shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM: time for open streams to get their final event
-
     # Connections (app/connections.py; applied by `charrnn serve`, not by a bare `uvicorn app.main:app`)
     # A connection is closed if its request head is not complete this long after it opens or after its last
     # response: slowloris and silent sockets cannot hold a file descriptor forever.

@@ -204,21 +204,40 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     model_store: Annotated[Optional[Path], typer.Option(help="Checkpoint folder [default: $CHARRNN_MODEL_STORE or model_store/].")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    loop: Annotated[str, typer.Option(help="Event loop: auto (uvloop when installed), uvloop or asyncio.")] = "auto",
+    http: Annotated[str, typer.Option(help="HTTP parser: auto (httptools), httptools or h11.")] = "auto",
 ) -> None:
-    """Serve every model of the model store over HTTP (one process; scale with replicas)."""
+    """Serve every model of the model store over HTTP (one process; scale with replicas).
+
+    Start the service this way, not with `uvicorn app.main:app`: only here are connections guarded, with
+    CHARRNN_HEADER_TIMEOUT_S, CHARRNN_KEEP_ALIVE_S and CHARRNN_MAX_CONNECTIONS, the open-file limit raised and
+    the log of failed accept() calls bounded (app/connections.py).
+    """
     import uvicorn
 
     if model_store is not None:
         os.environ["CHARRNN_MODEL_STORE"] = str(model_store)
+    from app.connections import connection_cap, limit_accept_error_log, protocol_class, raise_open_file_limit
     from app.settings import Settings
 
+    if loop not in ("auto", "uvloop", "asyncio") or http not in ("auto", "httptools", "h11"):
+        _fail("--loop is auto, uvloop or asyncio; --http is auto, httptools or h11")
     settings = Settings()
+    open_files = raise_open_file_limit()
+    cap = connection_cap(settings.max_connections, open_files)
+    if cap < settings.max_connections:
+        typer.secho(f"warning: {cap} connections at most (CHARRNN_MAX_CONNECTIONS is {settings.max_connections}): "
+                    f"the open-file limit is {open_files}", fg=typer.colors.YELLOW, err=True)
+    limit_accept_error_log()
     uvicorn.run(
         "app.main:app",
         host=host,
         port=port,
         workers=1,  # sessions and decode loops live in the process
         log_level=log_level,
+        loop=loop,
+        http=protocol_class(settings.header_timeout_s, cap, http),
+        timeout_keep_alive=settings.keep_alive_s,
         access_log=False,  # the app logs each request as JSON, with its request id (app/middleware.py)
         # Streams get `shutdown_grace_s` to receive their final event; uvicorn waits a little longer.
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 2,

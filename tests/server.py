@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,20 +28,23 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, store: Path, env: dict[str, str] | None = None, command: list[str] | None = None,
-                 log: Path | None = None, port: int | None = None, test_defaults: bool = True):
+                 log: Path | None = None, port: int | None = None, test_defaults: bool = True,
+                 args: list[str] | None = None, preexec_fn: Callable[[], None] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         defaults = {"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": "tiny", "CHARRNN_THREADS": "1"}
         inherited = {k: v for k, v in os.environ.items() if test_defaults or not k.startswith("CHARRNN_")}
         self.env = {**inherited, **(defaults if test_defaults else {}), **(env or {})}
         self.command = command or [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1",
-                                   "--port", str(self.port), "--log-level", "warning"]
+                                   "--port", str(self.port), "--log-level", "warning", *(args or [])]
         self.log_path = log or store.parent / f"server-{self.port}.log"
+        self.preexec_fn = preexec_fn  # runs in the child before exec, e.g. to lower its resource limits
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 60) -> Server:
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command, env=self.env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command, env=self.env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         path = "/readyz" if wait_ready else "/healthz"
         while time.monotonic() < deadline:
