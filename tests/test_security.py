@@ -250,7 +250,8 @@ def test_cross_site_writes_are_refused_unless_the_origin_is_allowed(model_store)
         pre = c.options("/generate", headers={**allowed, "Access-Control-Request-Method": "POST",
                                               "Access-Control-Request-Headers": "authorization,content-type"})
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
-        pre = c.options("/generate", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        pre = c.options("/generate", headers={"Origin": "https://evil.example",
+                                              "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in pre.headers
     with running(model_store) as server, server.client() as c:  # CORS off by default
         r = c.get("/models", headers={"Origin": "https://app.example"})
