@@ -12,6 +12,11 @@ character, and characters computed but not delivered when a client leaves are dr
 
 Primes are read by the same thread between steps, in slices (`Decoder._read_primes`); the engine gives every
 row the same result whatever the batch and however a prime is cut, so neither affects any stream's text.
+
+Repetition penalties look at a stream's `recent` window: the characters read and computed before each step,
+computed-ahead ones included, kept by the decode thread. A step's window is therefore a function of the
+stream's own text, never of when its client reads. A stream that asks for log-probabilities gets one
+`CharLogprob` per delivered character in `Stream.logprobs`, parallel to `Stream.text`.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from charrnn.model import State
-from charrnn.sampling import sample_next
+from charrnn.sampling import chosen_and_top, sample_next
 
 from app.metrics import Metrics
 from app.registry import LoadedModel
@@ -35,13 +41,38 @@ from app.registry import LoadedModel
 log = logging.getLogger("charrnn")
 
 
+REPETITION_WINDOW = 64  # characters a repetition penalty looks back over, by default: about a line of text
+
+
 @dataclass
 class SamplingParams:
+    """A stream's sampling parameters; charrnn/sampling.py says what each does."""
+
     temperature: float
     top_k: int | None
     top_p: float | None
     max_chars: int
     stop: list[str]
+    min_p: float | None = None
+    logit_bias: dict[int, float] | None = None  # character id -> bias; -100 bans
+    repetition_penalty: float = 1.0  # vLLM/Hugging Face: 1 is off
+    presence_penalty: float = 0.0  # OpenAI: 0 is off
+    frequency_penalty: float = 0.0
+    repetition_window: int = REPETITION_WINDOW  # how many recent characters the penalties count
+    prime_tail: tuple[int, ...] = ()  # ids read before the first step (the prime's end): the first window
+    logprobs: int | None = None  # None: none; k (0-5): the chosen character's and the k most likely
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+class CharLogprob(NamedTuple):
+    """A delivered character's log-probability under the model's own distribution (log_softmax of the raw
+    logits, before temperature, penalties, bias and cuts) and the k most likely characters', most likely first."""
+
+    logprob: float
+    top: tuple[tuple[str, float], ...]
 
 
 LOOKAHEAD = 3  # characters computed ahead of delivery, per stream
@@ -77,8 +108,14 @@ class Stream:
         self.params = params
         self.generator = generator
         self.chars = vocab_chars
-        self.pending: deque[tuple[Row, int]] = deque()  # stepped, not yet taken by the consumer
+        self.pending: deque[tuple[Row, int, CharLogprob | None]] = deque()  # stepped, not yet taken
         self.text: list[str] = []
+        # per delivered character, parallel to `text`, when the request asked for logprobs; else None
+        self.logprobs: list[CharLogprob] | None = [] if params.logprobs is not None else None
+        # the characters before the next step to compute (decode thread only), when a penalty needs them
+        self.recent: deque[int] | None = None
+        if params.penalizes:
+            self.recent = deque(params.prime_tail[-params.repetition_window:], maxlen=params.repetition_window)
         self.finish_reason: str | None = None  # length | stop | cancelled | shutdown | error
         self.error: str | None = None
         self.decoder: Decoder | None = None
@@ -113,8 +150,8 @@ class Stream:
         return (self.finish_reason is None and self.ahead < LOOKAHEAD
                 and len(self.text) + self.ahead < self.params.max_chars)
 
-    def offer(self, state: Row, char_id: int) -> None:
-        self.pending.append((state, char_id))
+    def offer(self, state: Row, char_id: int, logprob: CharLogprob | None = None) -> None:
+        self.pending.append((state, char_id, logprob))
         if len(self.pending) >= self._want:
             self._wake_consumer()
 
@@ -137,8 +174,10 @@ class Stream:
             await self._waiter
         if self.finish_reason is not None or not self.pending:
             return None
-        state, char_id = self.pending.popleft()
+        state, char_id, logprob = self.pending.popleft()
         self.state, self.next_input = state, char_id  # committed: this character is being delivered
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         if self.decoder is not None:
             self.decoder.taken(self)
         char = self.chars[char_id]
@@ -217,8 +256,9 @@ class Decoder:
             self._cond.notify()
 
     @torch.inference_mode()
-    def _step(self, group: list[Stream]) -> tuple[State, list[int]]:
-        """Runs in the decode thread: one batched step and one sampled character per stream."""
+    def _step(self, group: list[Stream]) -> tuple[State, list[int], list[CharLogprob | None]]:
+        """Runs in the decode thread: one batched step and one sampled character per stream (with its
+        log-probabilities, for the streams that asked)."""
         latest = [s.computed for s in group]
         ids = torch.tensor([char_id for _, char_id in latest])
         rows = [row for row, _ in latest]
@@ -229,14 +269,46 @@ class Decoder:
             state = tuple(torch.cat([r.batch[i][:, r.index : r.index + 1] for r in rows], dim=1)
                           for i in range(len(first)))
         logits, new_state = self.lm.engine.step(ids, state)
-        chosen = sample_next(
+        params = [s.params for s in group]
+        controls = {}  # only what some stream uses: a batch without them samples exactly as before they existed
+        if any(p.min_p for p in params):
+            controls["min_p"] = [p.min_p for p in params]
+        if any(p.logit_bias for p in params):
+            controls["logit_bias"] = [p.logit_bias for p in params]
+        if any(s.recent is not None for s in group):
+            controls.update(recent=[s.recent for s in group],
+                            repetition_penalty=[p.repetition_penalty for p in params],
+                            presence_penalty=[p.presence_penalty for p in params],
+                            frequency_penalty=[p.frequency_penalty for p in params])
+        chosen_ids = sample_next(
             logits,
-            [s.params.temperature for s in group],
-            [s.params.top_k for s in group],
-            [s.params.top_p for s in group],
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
             [s.generator for s in group],
-        ).tolist()
-        return new_state, chosen
+            **controls,
+        )
+        chosen = chosen_ids.tolist()
+        for s, char_id in zip(group, chosen):
+            if s.recent is not None:
+                s.recent.append(char_id)  # the window of this stream's next step
+        return new_state, chosen, self._logprobs(group, logits, chosen_ids)
+
+    @staticmethod
+    def _logprobs(group: list[Stream], logits: torch.Tensor, chosen: torch.Tensor) -> list[CharLogprob | None]:
+        """The model's log-probabilities for the streams that asked (nothing is computed for the others)."""
+        rows = [j for j, s in enumerate(group) if s.params.logprobs is not None]
+        out: list[CharLogprob | None] = [None] * len(group)
+        if not rows:
+            return out
+        k = max(group[j].params.logprobs for j in rows)
+        index = torch.tensor(rows)
+        mine, top, top_ids = chosen_and_top(torch.log_softmax(logits[index].float(), dim=-1), chosen[index], k)
+        for j, lp, values, ids in zip(rows, mine.tolist(), top.tolist(), top_ids.tolist()):
+            s = group[j]
+            n = s.params.logprobs
+            out[j] = CharLogprob(lp, tuple((s.chars[i], v) for i, v in zip(ids[:n], values[:n])))
+        return out
 
     def _read_primes(self, budget_s: float) -> float:
         """In the decode thread: read the next slice of every waiting prime, sized to take about `budget_s`
@@ -313,14 +385,14 @@ class Decoder:
                 for group in groups:
                     self.metrics.decode_batch_size.observe(len(group))
                     try:
-                        new_state, chosen = self._step(group)
+                        new_state, chosen, logprobs = self._step(group)
                     except Exception as e:  # a failing step ends these streams, not the server
                         log.exception("decode step failed for model %s", self.lm.name)
                         self._loop.call_soon_threadsafe(self._fail, group, f"generation failed: {e}")
                         continue
                     for j, (s, char_id) in enumerate(zip(group, chosen)):
                         s.computed = (Row(new_state, j), char_id)
-                    self._loop.call_soon_threadsafe(self._deliver, group, new_state, chosen)
+                    self._loop.call_soon_threadsafe(self._deliver, group, new_state, chosen, logprobs)
                 share = max(1.0, len(self._primes) / len(self.streams))  # clients waiting for a prime vs streaming
                 credit = min(PRIME_BURST_S, credit + share * (time.perf_counter() - started))
             if not self._primes:
@@ -332,10 +404,11 @@ class Decoder:
                 self._read_primes(PRIME_IDLE_SLICE_S)
 
     @staticmethod
-    def _deliver(group: list[Stream], new_state: State, chosen: list[int]) -> None:
-        for j, (s, char_id) in enumerate(zip(group, chosen)):
+    def _deliver(group: list[Stream], new_state: State, chosen: list[int],
+                 logprobs: list[CharLogprob | None]) -> None:
+        for j, (s, char_id, logprob) in enumerate(zip(group, chosen, logprobs)):
             if not s.finished:
-                s.offer(Row(new_state, j), char_id)
+                s.offer(Row(new_state, j), char_id, logprob)
 
     @staticmethod
     def _fail(group: list[Stream], message: str) -> None:

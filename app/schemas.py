@@ -53,6 +53,28 @@ class GenerateParams(BaseModel):
         json_schema_extra=limited_by(maxItems="max_stop_strings",
                                      items={"minLength": 1, "maxLength": "max_stop_chars"}))
     skip_unknown: bool = Field(False, description="Drop prime characters not in the vocabulary instead of 422.")
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                description="Sample only characters at least min_p times as likely as the most "
+                                            "likely one (after temperature).")
+    repetition_penalty: float = Field(
+        1.0, ge=0.01, le=100, allow_inf_nan=False,
+        description="vLLM's: a character in the recent window has its logit divided by this if positive, "
+                    "multiplied if not. 1 = off; > 1 discourages repeats.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
+                                    description="OpenAI's: subtracted from the logit of every character in the "
+                                                "recent window.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
+                                     description="OpenAI's: times its count in the recent window, subtracted from "
+                                                 "a character's logit.")
+    repetition_window: Annotated[int, Field(ge=1), WHOLE_FLOATS] = Field(
+        64, description="How many of the last characters (prime and generated) the three penalties count: a "
+                        "character model writes 'e' and space all the time, so only recent repeats are penalized "
+                        "(left out: 64, or CHARRNN_MAX_REPETITION_WINDOW if that is lower).",
+        json_schema_extra=limited_by(maximum="max_repetition_window"))
+    logprobs: Annotated[int, Field(ge=0, le=5), WHOLE_FLOATS] | None = Field(
+        None, description="Also return each generated character's log-probability and those of the k most "
+                          "likely characters (0-5): the model's own distribution (log_softmax of its logits), "
+                          "before temperature, penalties, bias and cuts.")
 
 
 class GenerateRequest(GenerateParams):
@@ -61,6 +83,11 @@ class GenerateRequest(GenerateParams):
     model_config = ConfigDict(strict=True)
 
     stream: bool = Field(True, description="true: text/event-stream of characters; false: one JSON object.")
+    # POST only: an object does not fit a query string.
+    logit_bias: dict[Annotated[str, Field(min_length=1, max_length=1)],
+                     Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
+        None, description="Character -> bias added to its logit before everything else; -100 bans it. "
+                          "Characters must be in the model's vocabulary. POST only.")
 
 
 class StartEvent(BaseModel):
@@ -68,9 +95,27 @@ class StartEvent(BaseModel):
     model: str
 
 
+class TopLogprob(BaseModel):
+    char: str
+    logprob: float
+
+
 class TokenEvent(BaseModel):
     char: str
     index: int
+    logprob: float | None = Field(None, description="Only when the request asked for `logprobs`: the character's "
+                                                    "log-probability under the model.")
+    top_logprobs: list[TopLogprob] | None = Field(
+        None, description="Only when the request asked for `logprobs`: the k most likely characters, most likely "
+                          "first.")
+
+
+class CharLogprobs(BaseModel):
+    """One generated character with its log-probability and the k most likely characters' (as a token event)."""
+
+    char: str
+    logprob: float
+    top_logprobs: list[TopLogprob]
 
 
 class GenerateResult(BaseModel):
@@ -83,6 +128,8 @@ class GenerateResult(BaseModel):
     prime_chars: int
     generated_chars: int
     seconds: float
+    logprobs: list[CharLogprobs] | None = Field(
+        None, description="Only when the request asked for `logprobs`: one entry per generated character.")
 
 
 class ErrorDetail(BaseModel):

@@ -25,9 +25,10 @@ from app.errors import APIError, invalid
 from app.metrics import Metrics
 from app.quotas import Quotas
 from app.registry import LoadedModel, Registry, ScanResult
-from app.schemas import GenerateRequest, GenerateResult, InspectRequest, InspectResult
+from app.schemas import CharLogprobs, GenerateRequest, GenerateResult, InspectRequest, InspectResult, TopLogprob
 from charrnn.activations import interesting_units, trace
 from charrnn.engine import start_ids
+from charrnn.sampling import BAN
 from app.sessions import MemorySessionStore, Session, SessionGone, StatePool, new_session_id
 from app.settings import Settings
 
@@ -55,6 +56,10 @@ class Generation:
             prime_chars=self.prime_chars,
             generated_chars=len(self.stream.text),
             seconds=round(time.perf_counter() - self.started, 6),
+            logprobs=None if self.stream.logprobs is None else [
+                CharLogprobs(char=char, logprob=lp.logprob,
+                             top_logprobs=[TopLogprob(char=c, logprob=x) for c, x in lp.top])
+                for char, lp in zip(self.stream.text, self.stream.logprobs)],
         )
 
 
@@ -186,6 +191,22 @@ class Service:
             if len(stop) > s.max_stop_chars:
                 raise invalid(f"a stop string has {len(stop)} characters; the limit is {s.max_stop_chars} "
                               "(CHARRNN_MAX_STOP_CHARS)")
+        if req.repetition_window > s.max_repetition_window:
+            raise invalid(f"repetition_window {req.repetition_window} is above the limit of "
+                          f"{s.max_repetition_window} (CHARRNN_MAX_REPETITION_WINDOW)")
+
+    @staticmethod
+    def _logit_bias(req: GenerateRequest, lm: LoadedModel) -> dict[int, float] | None:
+        """`logit_bias` by character id; 422 for characters the model does not know, or a bias that bans all."""
+        if not req.logit_bias:
+            return None
+        keys = "".join(req.logit_bias)
+        if lm.vocab.unknown(keys):
+            raise unknown_characters(lm, "logit_bias", keys)
+        bias = {lm.vocab.index[c]: b for c, b in req.logit_bias.items()}
+        if sum(1 for b in bias.values() if b <= BAN) == len(lm.vocab):
+            raise invalid(f"logit_bias bans every character of model {lm.name!r}: nothing is left to sample")
+        return bias
 
     async def find_session(self, client: Client, session_id: str) -> Session | None:
         """The session, if it exists and belongs to the client's key: other keys' sessions look absent."""
@@ -222,6 +243,8 @@ class Service:
             raise APIError(503, "shutting_down", "the server is shutting down; retry on another replica or later")
         if "max_chars" not in req.model_fields_set:  # the default (200) is clamped to a lower CHARRNN_MAX_CHARS
             req.max_chars = min(req.max_chars, self.settings.max_chars)
+        if "repetition_window" not in req.model_fields_set:  # so is the default window (64)
+            req.repetition_window = min(req.repetition_window, self.settings.max_repetition_window)
         self._check_limits(req)
 
         session: Session | None = None
@@ -248,6 +271,7 @@ class Service:
                 raise unknown_characters(lm, "prime", prime, "; send skip_unknown: true to drop them")
             prime = "".join(c for c in prime if c in lm.vocab.index)
         prime_ids = [lm.vocab.index[c] for c in prime]
+        logit_bias = self._logit_bias(req, lm)
 
         quota = await self._take_slots(client, new_session=session is None)
         try:
@@ -280,7 +304,11 @@ class Service:
                 await self.sessions.save(session)  # releases it unchanged
             raise
         top_k = min(req.top_k, len(lm.vocab)) if req.top_k else None
-        params = SamplingParams(req.temperature, top_k, req.top_p, req.max_chars, list(req.stop or []))
+        params = SamplingParams(req.temperature, top_k, req.top_p, req.max_chars, list(req.stop or []),
+                                min_p=req.min_p, logit_bias=logit_bias, repetition_penalty=req.repetition_penalty,
+                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                repetition_window=req.repetition_window,
+                                prime_tail=tuple(ids[-req.repetition_window:]), logprobs=req.logprobs)
         stream = Stream(state, ids[-1], params, seeded_generator(req.seed), lm.vocab.chars)
         self.decoder_for(lm).add(stream)
         self.metrics.streams_running.labels(model=lm.name).inc()

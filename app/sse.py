@@ -7,7 +7,7 @@ character costs more than the model step; a token event here is one bytes-format
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from functools import lru_cache
 
 import anyio
@@ -21,9 +21,15 @@ def _char_json(char: str) -> bytes:
     return json.dumps(char).encode()  # escapes newline, quotes, control characters; keeps it on one line
 
 
-def token_frame(char: str, index: int) -> bytes:
-    """`id: <i>` / `event: token` / `data: {"char": <c>, "index": <i>}`."""
-    return b'id: %d\r\nevent: token\r\ndata: {"char": %s, "index": %d}\r\n\r\n' % (index, _char_json(char), index)
+def token_frame(char: str, index: int, logprob: tuple[float, Sequence[tuple[str, float]]] | None = None) -> bytes:
+    """`id: <i>` / `event: token` / `data: {"char": <c>, "index": <i>}`; with `logprob` (the character's and
+    the top (char, logprob) pairs) the data also has `"logprob": <x>, "top_logprobs": [{"char", "logprob"}, ...]`."""
+    if logprob is None:
+        return b'id: %d\r\nevent: token\r\ndata: {"char": %s, "index": %d}\r\n\r\n' % (index, _char_json(char), index)
+    mine, top = logprob
+    alternatives = b", ".join(b'{"char": %s, "logprob": %r}' % (_char_json(c), x) for c, x in top)
+    return (b'id: %d\r\nevent: token\r\ndata: {"char": %s, "index": %d, "logprob": %r, "top_logprobs": [%s]}\r\n\r\n'
+            % (index, _char_json(char), index, mine, alternatives))
 
 
 def event_frame(event: str, data: dict) -> bytes:

@@ -274,6 +274,22 @@ class Engine:
         h, c = kept[0], kept[1] if len(kept) == 3 else None
         return h, c, self.head(kept[-1])
 
+    @torch.inference_mode()
+    def score(self, ids: Sequence[int], state: State | None = None) -> tuple[Tensor, State]:
+        """Read `ids` from `state` (None: zeros): the model's log-probabilities (T, V) after each id, and the
+        state after them all.
+
+        Row t is `log_softmax` of the logits `step` gives after ids[t], bit for bit: the model's distribution of
+        ids[t + 1] (the last row: of the character that follows). So ids[t + 1]'s log-probability is
+        rows[t, ids[t + 1]]; ids[0] has none (to score it, start from the state before the character before
+        it and put that character first, as a session's `next_input`). `charrnn.sampling.chosen_and_top`
+        picks each row's chosen and top-k log-probabilities.
+        """
+        if not len(ids):
+            return torch.empty(0, self.config.vocab_size), state if state is not None else self.init_state(1)
+        (final,), (kept,) = self.read([ids], [state], keep_layer=self.config.layers - 1)
+        return torch.log_softmax(self.head(kept[-1]), dim=-1), final  # kept[-1]: the last layer's h per id
+
     # --- generating ---
 
     def warm_up(self) -> None:

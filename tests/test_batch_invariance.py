@@ -2,7 +2,9 @@
 
 For every batch size from 1 to 64 and a spread up to 256, with random states, random inputs and the row at
 random positions, each row's logits, state and sampled character equal those of the row stepped alone, bit
-for bit, for every precision the server may choose on this machine and at the thread counts it uses.
+for bit, for every precision the server may choose on this machine and at the thread counts it uses; so do
+its character and log-probabilities when rows carry random biases, penalties over random windows, min_p and
+logprobs, as the decoder passes them.
 Reading primes is held to the same standard with hypothesis: any prompts, read together or alone, in one
 piece or cut anywhere, from any state.
 """
@@ -21,7 +23,7 @@ from app.settings import Settings
 from charrnn.checkpoint import load_model
 from charrnn.engine import Engine, resolve_precision
 from charrnn.model import CharRNN, ModelConfig
-from charrnn.sampling import sample_next
+from charrnn.sampling import chosen_and_top, sample_next
 from conftest import REPO
 
 # fp32 can always be chosen (CHARRNN_DECODE_PRECISION=fp32); bf16 where the CPU has bf16 units ("auto").
@@ -80,6 +82,44 @@ def check_every_size(engine: Engine, sizes: list[int], rows_per_size: int = 3) -
                 assert torch.equal(a[:, 0], b[:, r]), f"state differs: {where}"
             alone_char = sample_next(alone_logits, temps[r], top_ks[r], top_ps[r], random.Random(seeds[r]))
             assert int(alone_char) == chosen[r], f"sampled character differs: {where}"
+        check_controls(logits, engine, ids, state, temps, top_ks, top_ps, seeds, pick)
+
+
+def random_controls(pick: random.Random, V: int) -> dict:
+    """One row's bias, penalties (over a random window), min_p and logprobs; each often off."""
+    window = [pick.randrange(V) for _ in range(pick.choice([0, 1, 5, 64]))]
+    bias = pick.choice([None, {pick.randrange(V): pick.choice([-100.0, -2.5, 3.0]) for _ in range(3)},
+                        torch.randn(V, generator=torch.Generator().manual_seed(pick.randrange(1 << 30)))])
+    return dict(min_p=pick.choice([None, 0.0, 0.05, 0.3]), logit_bias=bias,
+                recent=pick.choice([None, window]), repetition_penalty=pick.choice([1.0, 0.8, 1.3]),
+                presence_penalty=pick.choice([0.0, -0.5, 1.5]), frequency_penalty=pick.choice([0.0, 0.2, -1.0]),
+                logprobs=pick.choice([None, 0, 1, 5]))
+
+
+def check_controls(logits, engine, ids, state, temps, top_ks, top_ps, seeds, pick) -> None:
+    """The same step's rows sampled with random per-row controls: alone as in the batch, logprobs exact."""
+    B, V = logits.shape
+    rows = [random_controls(pick, V) for _ in range(B)]
+    sampling = {k: [row[k] for row in rows] for k in rows[0] if k != "logprobs"}
+    chosen = sample_next(logits, temps, top_ks, top_ps, [random.Random(s) for s in seeds], **sampling)
+    asking = [r for r in range(B) if rows[r]["logprobs"] is not None]
+    if asking:  # as the decoder does: only the rows that asked, the largest k of them
+        index = torch.tensor(asking)
+        k = max(rows[r]["logprobs"] for r in asking)
+        lps = chosen_and_top(torch.log_softmax(logits[index], dim=-1), chosen[index], k)
+    for r in {0, B - 1, pick.randrange(B)}:
+        alone_logits, _ = engine.step(ids[r : r + 1], tuple(t[:, r : r + 1].clone() for t in state))
+        where = f"row {r} of a batch of {B} with controls ({engine.precision}, {torch.get_num_threads()} threads)"
+        mine = {k: v[r] for k, v in sampling.items()}
+        alone = sample_next(alone_logits, temps[r], top_ks[r], top_ps[r], random.Random(seeds[r]), **mine)
+        assert int(alone) == int(chosen[r]), f"sampled character differs: {where}"
+        if rows[r]["logprobs"] is not None:
+            n = rows[r]["logprobs"]
+            exact = torch.log_softmax(alone_logits.float(), -1)[0]  # the model's own distribution
+            at = asking.index(r)
+            assert lps[0][at] == exact[int(alone)], f"logprob differs: {where}"
+            top, top_ids = exact.sort(descending=True, stable=True)
+            assert torch.equal(lps[1][at, :n], top[:n]) and torch.equal(lps[2][at, :n], top_ids[:n]), where
 
 
 @pytest.mark.parametrize("threads", THREADS, indirect=True)

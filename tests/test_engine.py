@@ -122,3 +122,21 @@ def test_precision_names():
     assert resolve_precision("fp32") == "fp32" and resolve_precision("auto") in ("fp32", "bf16")
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("int8")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_score_equals_the_log_softmax_of_stepping_one_by_one(cell, precision):
+    model = model_of(cell, hidden=40)
+    engine = Engine(model, precision)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    for start in (None, random_state(model, 1)):
+        rows, final = engine.score(ids, start)
+        assert rows.shape == (len(ids), 11)
+        state = start if start is not None else engine.init_state(1)
+        for t, i in enumerate(ids):
+            logits, state = engine.step(torch.tensor([i]), state)
+            assert torch.equal(rows[t], torch.log_softmax(logits.float(), -1)[0]), f"position {t}"
+        assert all(torch.equal(a, b) for a, b in zip(state, final))
+    rows, final = engine.score([], start)
+    assert rows.shape == (0, 11) and final is start

@@ -1,6 +1,6 @@
 import torch
 
-from charrnn.sampling import sample_next
+from charrnn.sampling import adjust_logits, chosen_and_top, sample_next
 
 
 def test_temperature_zero_is_argmax():
@@ -70,3 +70,98 @@ def test_a_rows_draw_does_not_depend_on_the_other_rows_parameters():
         mixed = sample_next(logits, [1.0, 0.5, 0.0], [None, 3, None], [None, None, 0.5],
                             [random.Random(seed), random.Random(1), random.Random(2)])
         assert int(mixed[0]) == alone
+
+
+# --- bias, penalties, min_p and log-probabilities ---
+
+
+def draws(logits: torch.Tensor, n: int = 400, temperature: float = 1.0, **kw) -> set[int]:
+    import random
+
+    g = random.Random(0)
+    return {int(sample_next(logits, temperature, generator=g, **kw)) for _ in range(n)}
+
+
+def test_min_p_keeps_ids_at_least_min_p_times_the_top_after_temperature():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert draws(probs.log(), min_p=0.25) == {0, 1, 2}  # 0.15 >= 0.125 > 0.05
+    assert draws(probs.log(), min_p=0.5) == {0, 1}
+    assert draws(probs.log(), min_p=1.0) == {0}
+    # at temperature 0.5 the probabilities go as p^2: ratios to the top 0.36, 0.09, 0.01
+    assert draws(probs.log(), temperature=0.5, min_p=0.05) == {0, 1, 2}
+    assert draws(probs.log(), min_p=0.05) == {0, 1, 2, 3}
+
+
+def test_logit_bias_is_added_first_and_minus_100_bans_even_when_hot_and_greedy():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
+    assert torch.equal(adjust_logits(logits, {1: 2.5, 3: -0.5}), torch.tensor([[1.0, 4.5, 3.0, 0.0]]))
+    dense = torch.tensor([0.0, 0.0, -7.0, 1.0])
+    assert torch.equal(adjust_logits(logits, dense), logits + dense)
+    assert adjust_logits(logits, {2: -100})[0, 2] == float("-inf")
+    assert 2 not in draws(logits, n=2000, temperature=5.0, logit_bias={2: -100})
+    assert draws(logits, n=1000, temperature=5.0, logit_bias={0: -100, 1: -100, 3: -100}) == {2}
+    assert int(sample_next(logits, 0, logit_bias={2: -100})) == 1  # greedy takes the bias too
+    assert int(sample_next(logits, 0, logit_bias={3: 100})) == 3
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_recent_ids():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    out = adjust_logits(logits, recent=[0, 1, 1], repetition_penalty=2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]  # ids 2 and 3 are not in the window: unchanged
+    assert adjust_logits(logits, recent=[0, 1, 1], repetition_penalty=0.5).tolist() == [[4.0, -1.0, 1.0, 0.5]]
+
+
+def test_presence_and_frequency_penalties_count_the_window():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    out = adjust_logits(logits, recent=[0, 1, 1], presence_penalty=0.5, frequency_penalty=0.25)
+    assert out.tolist() == [[2.0 - 0.25 - 0.5, -2.0 - 0.5 - 0.5, 1.0, 0.5]]
+    # only what is in the window counts: a character that left it is not penalized any more
+    assert adjust_logits(logits, recent=[1, 2], frequency_penalty=1.0).tolist() == [[2.0, -3.0, 0.0, 0.5]]
+    assert adjust_logits(logits, recent=[], frequency_penalty=1.0) is logits
+    assert adjust_logits(logits, recent=[0], repetition_penalty=1.0, presence_penalty=0.0) is logits
+
+
+def test_penalties_apply_to_greedy_rows():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    assert int(sample_next(logits, 0)) == 0
+    assert int(sample_next(logits, 0, recent=[0], repetition_penalty=1.1)) == 1
+    assert int(sample_next(logits, 0, recent=[0, 0], frequency_penalty=0.1)) == 1
+    assert int(sample_next(logits, 0, recent=[0], presence_penalty=0.05)) == 0  # 2.95 > 2.9
+
+
+def test_a_control_changes_its_own_row_and_no_other():
+    import random
+
+    torch.manual_seed(5)
+    logits = torch.randn(4, 30)
+    controls = dict(min_p=[None, 0.1, None, None], logit_bias=[None, None, {3: -100, 4: 2.0}, None],
+                    recent=[None, None, None, [1, 2, 2, 7]], repetition_penalty=[1.0, 1.0, 1.0, 1.3],
+                    presence_penalty=[0.0, 0.0, 0.0, 0.4], frequency_penalty=[0.0, 0.0, 0.0, -0.2])
+    adjusted = adjust_logits(logits, controls["logit_bias"], controls["recent"], controls["repetition_penalty"],
+                             controls["presence_penalty"], controls["frequency_penalty"])
+    assert torch.equal(adjusted[:2], logits[:2]) and not torch.equal(adjusted[2:], logits[2:])
+    for seed in range(40):
+        plain = sample_next(logits, 1.0, generator=[random.Random(seed + r) for r in range(4)])
+        mixed = sample_next(logits, 1.0, generator=[random.Random(seed + r) for r in range(4)], **controls)
+        assert int(mixed[0]) == int(plain[0])  # row 0 has no control: today's draw, exactly
+        assert int(mixed[2]) != 3
+        for r in range(4):  # and every row draws alone what it draws beside the others
+            alone = {k: v[r] for k, v in controls.items()}
+            assert int(sample_next(logits[r : r + 1], 1.0, generator=random.Random(seed + r), **alone)) == int(mixed[r])
+
+
+def test_logprobs_are_the_raw_log_softmax_and_the_top_k_in_order():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 20)
+    chosen = torch.tensor([4, 0, 19])
+    lp = torch.log_softmax(logits, dim=-1)
+    mine, top, ids = chosen_and_top(lp, chosen, 5)
+    assert torch.equal(mine, lp[torch.arange(3), chosen])
+    assert torch.equal(top, lp.sort(dim=-1, descending=True).values[:, :5])
+    assert torch.equal(lp.gather(1, ids), top)
+    for r in range(3):  # a row's log-probabilities do not depend on the rows computed with it
+        alone = torch.log_softmax(logits[r : r + 1], dim=-1)
+        assert torch.equal(alone[0], lp[r])
+    # ties are ordered by id
+    _, _, tied = chosen_and_top(torch.log_softmax(torch.zeros(1, 6), dim=-1), torch.tensor([0]), 3)
+    assert tied.tolist() == [[0, 1, 2]]

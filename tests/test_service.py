@@ -323,3 +323,169 @@ def test_openapi_documents_the_api(client):
     post = spec["paths"]["/generate"]["post"]
     assert "text/event-stream" in post["responses"]["200"]["content"]
     assert {"404", "409", "422", "429"} <= set(post["responses"])
+
+
+# --- log-probabilities, penalties, bias and min_p ---
+
+
+def reference(store, body: dict) -> dict:
+    """What the server must answer, computed here with the engine and the sampler, one character at a time:
+    the text, and per character its logprob entry when asked. The window is the documented one: the last
+    `repetition_window` characters read or written before each step."""
+    import random
+    from collections import deque
+
+    import torch
+
+    from app.settings import Settings
+    from charrnn.checkpoint import load_model
+    from charrnn.engine import Engine, start_ids
+    from charrnn.sampling import sample_next
+
+    model, vocab, _ = load_model(store / f"{body.get('model', 'tiny')}.safetensors")
+    engine = Engine(model, Settings().decode_precision)
+    ids = start_ids(vocab, [vocab.index[c] for c in body.get("prime", "")])
+    window = deque(ids, maxlen=body.get("repetition_window", 64))
+    (state,), _ = engine.read([ids[:-1]], [None])
+    rng, next_id, k = random.Random(body.get("seed")), ids[-1], body.get("logprobs")
+    bias = {vocab.index[c]: b for c, b in body.get("logit_bias", {}).items()} or None
+    text, logprobs = "", []
+    for _ in range(body["max_chars"]):
+        logits, state = engine.step(torch.tensor([next_id]), state)
+        next_id = int(sample_next(logits, body.get("temperature", 1.0), body.get("top_k"), body.get("top_p"), rng,
+                                  min_p=body.get("min_p"), logit_bias=bias, recent=list(window),
+                                  repetition_penalty=body.get("repetition_penalty", 1.0),
+                                  presence_penalty=body.get("presence_penalty", 0.0),
+                                  frequency_penalty=body.get("frequency_penalty", 0.0)))
+        window.append(next_id)
+        text += vocab.chars[next_id]
+        if k is not None:
+            lp = torch.log_softmax(logits.float(), -1)[0]  # the model's own distribution
+            top, top_ids = lp.sort(descending=True, stable=True)
+            logprobs.append({"char": vocab.chars[next_id], "logprob": lp[next_id].item(),
+                             "top_logprobs": [{"char": vocab.chars[i], "logprob": x}
+                                              for i, x in zip(top_ids[:k].tolist(), top[:k].tolist())]})
+    return {"text": text, **({"logprobs": logprobs} if k is not None else {})}
+
+
+CONTROLLED = [
+    {"prime": "ROMEO:", "max_chars": 60, "temperature": 0, "repetition_penalty": 1.8, "repetition_window": 8},
+    {"prime": "ROMEO:", "max_chars": 60, "seed": 4, "presence_penalty": 1.5, "frequency_penalty": 0.7,
+     "repetition_window": 16, "logprobs": 2},
+    {"prime": "The ", "max_chars": 60, "seed": 9, "temperature": 1.3, "min_p": 0.2, "logit_bias": {"e": -100, "t": 2.5},
+     "logprobs": 5},
+    {"model": "lines", "prime": "first", "max_chars": 60, "temperature": 0, "frequency_penalty": 2.0,
+     "repetition_window": 1024, "logprobs": 0},
+]
+
+
+def test_controls_and_logprobs_equal_the_engine_and_sampler_stepped_by_hand(client, model_store):
+    for body in CONTROLLED:
+        expected = reference(model_store, body)
+        events = stream_events(client, body)
+        tokens = [d for e, d, _ in events if e == "token"]
+        assert streamed_text(events) == expected["text"], body
+        result = generate(client, **body)
+        assert result["text"] == expected["text"]
+        if "logprobs" in body:
+            assert [{k: t[k] for k in ("char", "logprob", "top_logprobs")} for t in tokens] == expected["logprobs"]
+            assert result["logprobs"] == events[-1][1]["logprobs"] == expected["logprobs"]
+            assert all(len(t["top_logprobs"]) == body["logprobs"] for t in tokens)
+        else:
+            assert "logprobs" not in result and all(set(t) == {"char", "index"} for t in tokens)
+
+
+def test_each_control_changes_the_text_and_none_changes_the_default(client):
+    plain = {"prime": "First Citizen:", "max_chars": 120, "seed": 3}
+    text = generate(client, **plain)["text"]
+    assert generate(client, **plain, repetition_penalty=1.0, presence_penalty=0, frequency_penalty=0.0,
+                    min_p=0, logit_bias={})["text"] == text  # every control at its neutral value: today's text
+    assert generate(client, **plain, logprobs=5)["text"] == text  # asking for logprobs changes nothing drawn
+    for control in ({"repetition_penalty": 2.0}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
+                    {"min_p": 0.5}, {"logit_bias": {" ": -100}}):
+        assert generate(client, **plain, **control)["text"] != text, control
+    hot = generate(client, prime="a", max_chars=300, seed=1, temperature=2.0, logit_bias={" ": -100, "e": -100})
+    assert " " not in hot["text"] and "e" not in hot["text"]
+    window_1 = generate(client, **plain, frequency_penalty=2.0, repetition_window=1)["text"]
+    window_64 = generate(client, **plain, frequency_penalty=2.0)["text"]
+    assert window_1 != window_64
+
+
+def test_controlled_streams_read_slowly_and_together_give_their_own_text(server, model_store):
+    expected = [reference(model_store, body)["text"] for body in CONTROLLED]
+    results: dict[int, str] = {}
+
+    def worker(i: int) -> None:
+        with server.client() as c:
+            body = CONTROLLED[i % len(CONTROLLED)]
+            with connect_sse(c, "POST", "/generate", json=body) as source:
+                chars = []
+                for sse in source.iter_sse():
+                    if sse.event == "token":
+                        chars.append(json.loads(sse.data)["char"])
+                        if i % 3 == 0:
+                            time.sleep(0.002)  # a slow client: the stream runs ahead of it
+            results[i] = "".join(chars)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(12)] == [expected[i % len(CONTROLLED)] for i in range(12)]
+
+
+def test_get_generate_takes_the_controls_but_not_logit_bias(client):
+    params = {"prime": "MENENIUS", "max_chars": 20, "seed": 5, "logprobs": 1, "repetition_penalty": 1.4,
+              "repetition_window": 10, "min_p": 0.1, "presence_penalty": 0.5, "frequency_penalty": -0.5}
+    events = stream_events(client, method="GET", params=params)
+    assert streamed_text(events) == generate(client, **params)["text"]
+    assert all(len(d["top_logprobs"]) == 1 for e, d, _ in events if e == "token")
+    r = client.get("/generate", params={"prime": "x", "logit_bias": '{"a": 1}'})
+    assert r.status_code == 422 and "logit_bias" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body, kind, fragment",
+    [
+        ({"logprobs": 6}, "invalid_request", "logprobs"),
+        ({"logprobs": -1}, "invalid_request", "logprobs"),
+        ({"repetition_penalty": 0}, "invalid_request", "repetition_penalty"),
+        ({"repetition_penalty": 101}, "invalid_request", "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "invalid_request", "presence_penalty"),
+        ({"frequency_penalty": -3}, "invalid_request", "frequency_penalty"),
+        ({"min_p": 1.5}, "invalid_request", "min_p"),
+        ({"repetition_window": 0}, "invalid_request", "repetition_window"),
+        ({"repetition_window": 1025}, "invalid_request", "CHARRNN_MAX_REPETITION_WINDOW"),
+        ({"logit_bias": {"ab": 1}}, "invalid_request", "logit_bias"),
+        ({"logit_bias": {"a": 101}}, "invalid_request", "logit_bias"),
+        ({"logit_bias": ["a"]}, "invalid_request", "logit_bias"),
+        ({"logit_bias": {"a": 1, "é": 2, "✓": -100}}, "unknown_characters",
+         "logit_bias has characters not in the vocabulary of model 'tiny': 'é' (U+00E9), '✓' (U+2713)"),
+    ],
+)
+def test_bad_controls_get_a_clear_json_error(client, body, kind, fragment):
+    for stream in (True, False):
+        r = client.post("/generate", json={**body, "stream": stream})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["type"] == kind and fragment in error["message"]
+
+
+def test_a_bias_that_bans_every_character_is_refused(client):
+    vocabulary = client.get("/models/tiny").json()["vocabulary"]
+    r = client.post("/generate", json={"logit_bias": {c: -100 for c in vocabulary}, "stream": False})
+    assert r.status_code == 422 and "bans every character of model 'tiny'" in r.json()["error"]["message"]
+    almost = {c: -100 for c in vocabulary if c != "x"}
+    assert set(generate(client, logit_bias=almost, max_chars=20)["text"]) == {"x"}
+
+
+def test_greedy_with_logprobs_takes_the_top_character_and_keeps_the_text(client):
+    plain = generate(client, prime="ROMEO:", max_chars=50, temperature=0)
+    scored = generate(client, prime="ROMEO:", max_chars=50, temperature=0, logprobs=3)
+    assert scored["text"] == plain["text"] and "logprobs" not in plain
+    assert [e["char"] for e in scored["logprobs"]] == list(scored["text"])
+    for entry in scored["logprobs"]:
+        top = entry["top_logprobs"]
+        assert top[0] == {"char": entry["char"], "logprob": entry["logprob"]}
+        assert 0 >= top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]

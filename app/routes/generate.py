@@ -24,8 +24,11 @@ STREAM_DOC = """\
 `stream: true` (the default) answers `text/event-stream`:
 
 - `event: start`, `data: {"session_id": ..., "model": ...}`
-- one `event: token` per character, `id:` its index, `data: {"char": "<c>", "index": <i>}`
-- `event: done`, `data:` the same object as the non-streamed answer
+- one `event: token` per character, `id:` its index, `data: {"char": "<c>", "index": <i>}`; when the request
+  asked for `logprobs: k`, also `"logprob": <x>, "top_logprobs": [{"char": "<c>", "logprob": <x>}, ...]` (k
+  entries, most likely first): the model's own log-probabilities, before temperature, penalties and cuts
+- `event: done`, `data:` the same object as the non-streamed answer (with `logprobs`, one entry per character,
+  when asked)
 - on a failure after the stream started (or server shutdown): `event: error`,
   `data: {"error": {"type", "message"}}`, then the stream closes.
 
@@ -88,6 +91,7 @@ async def _events(service: Service, gen: Generation) -> AsyncIterator[bytes]:
         last = None
         observe_gap = metrics.inter_char.observe
         wait_for = 1
+        logprobs = stream.logprobs  # per delivered character, when asked; else None
         while (char := await stream.next_char(wait_for)) is not None:
             now = time.perf_counter()
             if last is None:
@@ -95,17 +99,18 @@ async def _events(service: Service, gen: Generation) -> AsyncIterator[bytes]:
             else:
                 observe_gap(now - last)
             last = now
-            frame = token_frame(char, index)
+            frame = token_frame(char, index, logprobs[index] if logprobs is not None else None)
             index += 1
             if wait_for > 1 and stream.pending and (more := await stream.next_char()) is not None:
-                frame += token_frame(more, index)  # already computed: taken without waiting
+                # already computed: taken without waiting
+                frame += token_frame(more, index, logprobs[index] if logprobs is not None else None)
                 index += 1
             yield frame
             wait_for = stream.per_write
         # Release the session before `done`, so a client may continue it as soon as it reads `done`.
         await service.finalize(gen)
         if stream.finish_reason in ("length", "stop"):
-            yield event_frame("done", gen.result().model_dump())
+            yield event_frame("done", gen.result().model_dump(exclude_none=True))
         else:
             kind = "shutting_down" if stream.finish_reason == "shutdown" else "generation_failed"
             yield event_frame("error", error_body(kind, stream.error or "generation ended early"))
@@ -146,7 +151,8 @@ async def _respond(service: Service, req: GenerateRequest, request: Request, cli
     return gen.result()
 
 
-@router.post("/generate", responses=POST_RESPONSES, response_model=GenerateResult)
+# exclude_none: `logprobs` appears only when asked
+@router.post("/generate", responses=POST_RESPONSES, response_model=GenerateResult, response_model_exclude_none=True)
 async def generate(body: GenerateRequest, service: ServiceDep, request: Request, client: ClientDep):
     """Generate text continuing `prime` (or a session), streamed character by character."""
     return await _respond(service, body, request, client)
@@ -156,7 +162,8 @@ async def generate(body: GenerateRequest, service: ServiceDep, request: Request,
 @router.get("/generate", responses=RESPONSES, response_class=Response)
 async def generate_get(params: Annotated[GenerateParams, Query()], service: ServiceDep, request: Request,
                        client: ClientDep):
-    """The same as POST with the parameters in the query string, always streamed (for `EventSource`)."""
+    """The same as POST with the parameters in the query string, always streamed (for `EventSource`); all but
+    `logit_bias`, an object, which only POST takes."""
     # exclude_unset: a max_chars left out stays left out (Service.start clamps the default to the limit)
     req = GenerateRequest(**params.model_dump(exclude_unset=True), stream=True)
     return await _respond(service, req, request, client)
