@@ -126,7 +126,7 @@ class Guard:
         state = scope.setdefault("state", {})
         state["client"] = client = Client(f"address:{address}")
         if scope["method"] in UNSAFE_METHODS and cross_site(headers, self.cors_origins):
-            return await self._refuse(send, 403, "cross_origin_forbidden",
+            return await self._refuse(scope, send, 403, "cross_origin_forbidden",
                                       "requests from pages of other sites are refused; list the site's origin "
                                       "in CHARRNN_CORS_ORIGINS to allow it")
         if is_open(path):
@@ -136,38 +136,38 @@ class Guard:
             admin = self.admin_keys.match(token)
             owner = admin or self.api_keys.match(token)
             if owner is None:
-                return await self._unauthenticated(send, "the API key is not valid")
+                return await self._unauthenticated(scope, send, "the API key is not valid")
             client = Client(f"key:{owner}", owner=owner, admin=admin is not None)
         elif self.api_keys:
-            return await self._unauthenticated(send, "no API key given")
+            return await self._unauthenticated(scope, send, "no API key given")
         if path.startswith("/admin/"):
             if self.admin_keys and not client.admin:
                 if client.owner is None:
-                    return await self._unauthenticated(send, "no admin key given")
-                return await self._refuse(send, 403, "permission_error",
+                    return await self._unauthenticated(scope, send, "no admin key given")
+                return await self._refuse(scope, send, 403, "permission_error",
                                           "this route needs an admin key (CHARRNN_ADMIN_KEYS)")
             # Through a proxy the address is the one it forwarded, and a proxy on this host would make every
             # client look local: without admin keys, admin requests must come straight from loopback.
             forwarded = b"x-forwarded-for" in headers or b"forwarded" in headers
             if not self.admin_keys and (forwarded or not is_loopback(address)):
-                return await self._refuse(send, 403, "permission_error",
+                return await self._refuse(scope, send, 403, "permission_error",
                                           "admin routes answer only on loopback unless admin keys are set "
                                           "(CHARRNN_ADMIN_KEYS)")
         retry = await self.quotas.hit_request(client)
         if retry is not None:
-            return await self._refuse(send, 429, "rate_limited",
+            return await self._refuse(scope, send, 429, "rate_limited",
                                       f"too many requests from this client (CHARRNN_CLIENT_RATE="
                                       f"{self.quotas.settings.client_rate}); retry in {retry} s",
                                       {"retry-after": str(retry)})
         state["client"] = client
         await self.app(scope, receive, send)
 
-    async def _unauthenticated(self, send: Send, why: str) -> None:
-        await self._refuse(send, 401, "authentication_error", f"{why}: send the header 'Authorization: Bearer <key>'",
-                           {"www-authenticate": "Bearer"})
+    async def _unauthenticated(self, scope: Scope, send: Send, why: str) -> None:
+        await self._refuse(scope, send, 401, "authentication_error",
+                           f"{why}: send the header 'Authorization: Bearer <key>'", {"www-authenticate": "Bearer"})
 
-    async def _refuse(self, send: Send, status: int, type: str, message: str,
+    async def _refuse(self, scope: Scope, send: Send, status: int, type: str, message: str,
                       headers: dict[str, str] | None = None) -> None:
         self.quotas.metrics.rejected.labels(reason=type).inc()
-        await send_error(send, status, type, message, headers)
+        await send_error(scope, send, status, type, message, headers)
 

@@ -416,6 +416,6 @@ class Decoder:
             s.finish("error", message)
 
 
-def seeded_generator(seed: int | None) -> random.Random:
+def seeded_generator(seed: int | str | None) -> random.Random:
     """The stream's own random source: seeded requests repeat, unseeded ones draw from the OS."""
     return random.Random(seed)

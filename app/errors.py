@@ -1,4 +1,8 @@
-"""Errors at the edge: every failure a client sees is JSON `{"error": {"type", "message"}}` with a 4xx/5xx."""
+"""Errors at the edge: every failure a client sees is JSON `{"error": {"type", "message"}}` with a 4xx/5xx.
+
+Under /v1/ (the OpenAI-compatible routes) the same errors come in OpenAI's envelope,
+`{"error": {"message", "type", "param", "code"}}`, with our type as `code`, and 400 where we say 422.
+"""
 
 from __future__ import annotations
 
@@ -32,9 +36,22 @@ def error_body(type: str, message: str) -> dict:
     return {"error": {"type": type, "message": message}}
 
 
-async def send_error(send, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> None:
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_reply(path: str, status: int, type: str, message: str, param: str | None = None) -> tuple[int, dict]:
+    """The status and body of an error on `path`: ours, or OpenAI's envelope under /v1/."""
+    if not path.startswith("/v1/"):
+        return status, error_body(type, message)
+    status = 400 if status == 422 else status
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": type}}
+
+
+async def send_error(scope, send, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> None:
     """Answer an error straight from ASGI middleware (before any route), in the same JSON shape."""
-    body = json.dumps(error_body(type, message)).encode()
+    status, payload = error_reply(scope.get("path", ""), status, type, message)
+    body = json.dumps(payload).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -60,13 +77,19 @@ def allowed_methods(request: Request) -> str:
                      if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes))
 
 
+def reply(request: Request, status: int, type: str, message: str, headers: dict[str, str] | None = None,
+          param: str | None = None) -> JSONResponse:
+    status, body = error_reply(request.url.path, status, type, message, param)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None and exc.status in (409, 429, 503):
             metrics.rejected.labels(reason=exc.type).inc()
-        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
+        return reply(request, exc.status, exc.type, exc.message, exc.headers, getattr(exc, "param", None))
 
     @app.exception_handler(SessionStoreUnavailable)
     async def store_unavailable(request: Request, exc: SessionStoreUnavailable) -> JSONResponse:
@@ -77,7 +100,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_request", _describe(list(exc.errors()))), status_code=422)
+        errors = list(exc.errors())
+        fields = [str(p) for p in (errors[0].get("loc", ()) if errors else ()) if p not in ("body", "query", "path")]
+        return reply(request, 422, "invalid_request", _describe(errors), param=".".join(fields) or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -86,9 +111,9 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405 and (allow := allowed_methods(request)):
             headers = {**(headers or {}), "Allow": allow}
-        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code, headers=headers)
+        return reply(request, exc.status_code, kind, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "the server failed to handle this request"), status_code=500)
+        return reply(request, 500, "internal_error", "the server failed to handle this request")

@@ -19,7 +19,7 @@ from app.logs import configure_logging
 from app.middleware import AccessLog, BodyLimit, RequestMetrics
 from app.openapi import install_openapi
 from app.schemas import ErrorResponse
-from app.routes import admin, generate, health, inspect, models, page, sessions
+from app.routes import admin, generate, health, inspect, models, openai, page, sessions
 from app.service import Service
 from app.settings import Settings
 
@@ -119,7 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Declares the key scheme in the OpenAPI document; app.auth.Guard does the checking, before any route.
     keys = bool(api_keys or admin_keys)
     bearer = [Security(HTTPBearer(auto_error=False))] if api_keys else []
-    for router in (generate.router, inspect.router, models.router, sessions.router, health.metrics_router):
+    for router in (generate.router, inspect.router, models.router, sessions.router, openai.router,
+                   health.metrics_router):
         app.include_router(router, dependencies=bearer, responses=_refusals(keys, False))
     app.include_router(health.router)  # /healthz and /readyz: open to anyone
     app.include_router(admin.router, dependencies=[Security(HTTPBearer(auto_error=False))] if keys else [],

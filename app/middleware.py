@@ -104,7 +104,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(scope, send)
         body, more = b"", True
         while more:
             message = await receive()
@@ -113,7 +113,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                return await self._refuse(send)
+                return await self._refuse(scope, send)
         replayed = False
 
         async def replay() -> Message:
@@ -125,6 +125,6 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        await send_error(send, 413, "payload_too_large",
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        await send_error(scope, send, 413, "payload_too_large",
                          f"request body is over {self.max_bytes} bytes (CHARRNN_MAX_BODY_BYTES)")

@@ -19,13 +19,14 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
-from app import schemas
+from app import openai_schemas, schemas
 from app.middleware import BodyLimit
 from app.schemas import LIMITED_BY
 from app.settings import Settings
 
 REF = "#/components/schemas/"
 ERROR = {"application/json": {"schema": {"$ref": REF + "ErrorResponse"}}}
+OPENAI_ERROR = {"application/json": {"schema": {"$ref": REF + "OpenAIError"}}}  # under /v1/ (app/errors.py)
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
@@ -40,6 +41,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             _fill_limits(doc, settings)
             _error_bodies(doc)
             _body_refusals(doc)
+            _openai_errors(doc)
             _add_referenced_models(doc)
             completed[:] = [doc]
         return doc
@@ -59,10 +61,15 @@ def _nodes(value: Any) -> Iterator[dict]:
 
 
 def _operations(doc: dict) -> Iterator[tuple[str, dict]]:
-    for item in doc.get("paths", {}).values():
+    for _, method, operation in _operations_by_path(doc):
+        yield method, operation
+
+
+def _operations_by_path(doc: dict) -> Iterator[tuple[str, str, dict]]:
+    for path, item in doc.get("paths", {}).items():
         for method in METHODS:
             if method in item:
-                yield method, item[method]
+                yield path, method, item[method]
 
 
 def _fill_limits(doc: dict, settings: Settings) -> None:
@@ -102,15 +109,31 @@ def _error_bodies(doc: dict) -> None:
 
 
 def _body_refusals(doc: dict) -> None:
-    for method, operation in _operations(doc):
+    for path, method, operation in _operations_by_path(doc):
         responses = operation.setdefault("responses", {})
+        error = OPENAI_ERROR if path.startswith("/v1/") else ERROR
         if method.upper() not in BodyLimit.UNLIMITED_METHODS:
             responses.setdefault("413", {"description": "Request body over CHARRNN_MAX_BODY_BYTES.",
-                                         "content": ERROR})
+                                         "content": error})
         if "application/json" in operation.get("requestBody", {}).get("content", {}):
             responses.setdefault("400", {"description": "The body is not JSON text (e.g. not UTF-8).",
-                                         "content": ERROR})
-            responses.setdefault("422", {"description": "Invalid body.", "content": ERROR})
+                                         "content": error})
+            if not path.startswith("/v1/"):  # OpenAI's routes answer 400 for an invalid body
+                responses.setdefault("422", {"description": "Invalid body.", "content": error})
+
+
+def _openai_errors(doc: dict) -> None:
+    """Under /v1/ every error is OpenAI's envelope, and what we answer 422 elsewhere is 400 there."""
+    for path, _, operation in _operations_by_path(doc):
+        if not path.startswith("/v1/"):
+            continue
+        responses = operation.get("responses", {})
+        invalid = responses.pop("422", None)
+        if invalid is not None:
+            responses.setdefault("400", {"description": "Invalid parameters.", "content": OPENAI_ERROR})
+        for status, response in responses.items():
+            if status[0] in "45" and response.get("content") == ERROR:
+                response["content"] = OPENAI_ERROR
 
 
 def _add_referenced_models(doc: dict) -> None:
@@ -119,7 +142,8 @@ def _add_referenced_models(doc: dict) -> None:
     definitions = doc.setdefault("components", {}).setdefault("schemas", {})
     referenced = {node["$ref"].removeprefix(REF) for node in _nodes(doc.get("paths"))
                   if isinstance(node.get("$ref"), str) and node["$ref"].startswith(REF)}
-    missing = [getattr(schemas, name) for name in sorted(referenced - set(definitions))]
+    missing = [getattr(schemas, name, None) or getattr(openai_schemas, name)
+               for name in sorted(referenced - set(definitions))]
     if missing:
         _, top = models_json_schema([(model, "serialization") for model in missing], ref_template=REF + "{model}")
         for name, schema in top.get("$defs", {}).items():

@@ -238,6 +238,13 @@ class Service:
 
         Every refusal happens here, before a byte of the response is sent.
         """
+        return (await self.start_many(req, client, 1))[0]
+
+    async def start_many(self, req: GenerateRequest, client: Client, n: int) -> list[Generation]:
+        """`n` generations from one prime (OpenAI's `n`): the prime is read once and its state copied into `n`
+        streams, each a session of its own (choice 0 continues `req.session_id` if given; the others start new
+        sessions from the same point). Choice 0 draws from `req.seed` exactly as a single generation does;
+        choice j > 0 from a seed derived from it and j."""
         started = time.perf_counter()
         if self.draining:
             raise APIError(503, "shutting_down", "the server is shutting down; retry on another replica or later")
@@ -273,35 +280,42 @@ class Service:
         prime_ids = [lm.vocab.index[c] for c in prime]
         logit_bias = self._logit_bias(req, lm)
 
-        quota = await self._take_slots(client, new_session=session is None)
+        quotas: list[str] = []
         try:
+            for j in range(n):
+                quotas.append(await self._take_slots(client, new_session=session is None or j > 0))
             if session is not None and not await self.sessions.acquire(session):
                 raise APIError(409, "session_busy", f"session {session.id} is already generating; one at a time")
         except SessionGone:
-            await self.quotas.end_stream(quota)
+            for quota in quotas:
+                await self.quotas.end_stream(quota)
             raise APIError(404, "session_not_found", f"session {req.session_id!r} was deleted or expired") from None
         except BaseException:
-            await self.quotas.end_stream(quota)
+            for quota in quotas:
+                await self.quotas.end_stream(quota)
             raise
 
-        self.running += 1
+        self.running += n
+        sessions = [session] if session is not None else []
         try:
             if session is not None:
                 ids, base = [session.next_input, *prime_ids], session.state
             else:
                 ids, base = start_ids(lm.vocab, prime_ids), None
             state = await self.decoder_for(lm).prime(ids[:-1], base)
-            if session is None:
+            while len(sessions) < n:
                 pool = self.pools.get(lm.sha256)
                 if pool is None and self.sessions.keeps_states:
                     pool = self.pools[lm.sha256] = StatePool(state)
-                session = Session.create(new_session_id(), lm.name, lm.sha256, pool, state, ids[-1], client.owner)
-                await self.sessions.add(session)
+                new = Session.create(new_session_id(), lm.name, lm.sha256, pool, state, ids[-1], client.owner)
+                await self.sessions.add(new)
+                sessions.append(new)
         except BaseException:
-            self.running -= 1
-            await self.quotas.end_stream(quota)
-            if session is not None:
-                await self.sessions.save(session)  # releases it unchanged
+            self.running -= n
+            for quota in quotas:
+                await self.quotas.end_stream(quota)
+            for each in sessions:
+                await self.sessions.save(each)  # releases it unchanged
             raise
         top_k = min(req.top_k, len(lm.vocab)) if req.top_k else None
         params = SamplingParams(req.temperature, top_k, req.top_p, req.max_chars, list(req.stop or []),
@@ -309,10 +323,14 @@ class Service:
                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                 repetition_window=req.repetition_window,
                                 prime_tail=tuple(ids[-req.repetition_window:]), logprobs=req.logprobs)
-        stream = Stream(state, ids[-1], params, seeded_generator(req.seed), lm.vocab.chars)
-        self.decoder_for(lm).add(stream)
-        self.metrics.streams_running.labels(model=lm.name).inc()
-        return Generation(stream, session, lm, len(prime), started, quota)
+        generations = []
+        for j, (each, quota) in enumerate(zip(sessions, quotas)):
+            seed = req.seed if j == 0 or req.seed is None else f"{req.seed}/{j}"
+            stream = Stream(state, ids[-1], params, seeded_generator(seed), lm.vocab.chars)
+            self.decoder_for(lm).add(stream)
+            self.metrics.streams_running.labels(model=lm.name).inc()
+            generations.append(Generation(stream, each, lm, len(prime), started, quota))
+        return generations
 
     async def finalize(self, gen: Generation) -> None:
         """Store the session as of the last delivered character, and free the slot (idempotent)."""

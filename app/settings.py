@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(8, ge=0)  # entries of `stop`
     max_stop_chars: int = Field(64, ge=1)  # length of one stop string
     max_repetition_window: int = Field(1024, ge=1)  # characters `repetition_window` may look back over
+    max_n: int = Field(16, ge=1)  # POST /v1/completions: `n` and prompts per request (each choice is a stream)
     max_body_bytes: int = Field(1_000_000, ge=1_000)  # request body size
     max_inspect_chars: int = Field(2_000, ge=1)  # text of POST /inspect (the answer has a row per character)
     max_inspect_units: int = Field(64, ge=1)  # units one POST /inspect may name (each adds a number per character)

@@ -47,8 +47,9 @@ def keyed(model_store, tmp_path_factory):
 
 def _example_request(path: str, method: str) -> tuple[str, dict | None]:
     """The path with its parameters filled in, and a valid body where the operation takes one."""
-    path = path.replace("{name}", "tiny").replace("{session_id}", "s" * 32)
-    body = {"/generate": {"prime": "a", "max_chars": 2, "stream": False}, "/inspect": {"text": "ab"}}.get(path)
+    path = path.replace("{name}", "tiny").replace("{model}", "tiny").replace("{session_id}", "s" * 32)
+    body = {"/generate": {"prime": "a", "max_chars": 2, "stream": False}, "/inspect": {"text": "ab"},
+            "/v1/completions": {"model": "tiny", "prompt": "a", "max_tokens": 2}}.get(path)
     return path, (body if method == "POST" else None)
 
 

@@ -206,7 +206,7 @@ def check_replicas_profile(compose: list[str], report: dict) -> None:
     report["stack_stop_s"] = round(time.monotonic() - started, 1)
     kind, data = open_stream.final_event()
     codes = {name: run("podman", "inspect", name, "--format", "{{.State.ExitCode}}").strip()
-             for name in [*servers, container("lb"), container("redis")]}
+             for name in [*servers, container("api"), container("lb"), container("redis")]}
     assert all(code != "137" for code in codes.values()), f"a container was killed: {codes}"
     print(f"4. replicas: lb ready in {report['lb_ready_s']} s; 5 pieces of one session on {len(used)} servers "
           f"equal one greedy request; stack stopped in {report['stack_stop_s']} s with a stream open through lb: "
