@@ -48,3 +48,13 @@ def model_store(tmp_path_factory) -> Path:
     train(tiny_config(root, lines, name="lines", model_store=str(store), layers=1, hidden=64, dropout=0.0,
                       max_steps=150, eval_every=150, lr=1e-2, seq_len=32, batch_size=4))
     return store
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free 127.0.0.1 port, one per test module (tests/server.py RedisServer)."""
+    from server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

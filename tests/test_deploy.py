@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from server import RedisServer, Server, free_port, generate, stream_events, streamed_text
+from server import Server, free_port, generate, stream_events, streamed_text
 
 BIN = Path(sys.executable).parent
 
@@ -109,13 +109,6 @@ def as_on_this_machine(value: str, volumes: list[str], workdir: str, redis_url: 
     if value.startswith(workdir + "/"):
         return str(REPO / value[len(workdir) + 1:])
     return value
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis-deploy")).start()
-    yield server
-    server.stop()
 
 
 def test_the_server_runs_as_the_container_would(redis_server, tmp_path):

@@ -13,7 +13,7 @@ from httpx_sse import connect_sse
 import torch
 
 from app.redis_store import decode_state, encode_state
-from server import RedisServer, Server, generate, stream_events, streamed_text
+from server import Server, generate, stream_events, streamed_text
 
 
 def test_state_bytes_round_trip_exactly():
@@ -24,13 +24,6 @@ def test_state_bytes_round_trip_exactly():
     assert all(torch.equal(a, b) for a, b in zip(state, back))
     with pytest.raises(ValueError, match="bytes"):
         decode_state(data[:-4], shape)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 def replica(model_store, redis_server, **env) -> Server:

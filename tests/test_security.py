@@ -10,7 +10,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from app.auth import KeyRing, fingerprint, load_keys
-from server import RedisServer, Server, generate, running
+from server import Server, generate, running
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
@@ -181,13 +181,6 @@ def test_a_client_has_at_most_its_share_of_running_generations(model_store):
             time.sleep(0.05)
         r = c.post("/generate", json={"prime": "a", "max_chars": 2, "stream": False}, headers=bearer(KEY_A))
         assert r.status_code == 200
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 def test_replicas_share_the_limits_through_redis(model_store, redis_server):
