@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -104,6 +107,117 @@ def test_continue_appends_to_the_same_session(page, server):
     assert page.locator("#session").inner_text() == session
     with server.client() as c:
         assert c.get(f"/sessions/{session}").json()["generated_chars"] == 120
+
+
+def generate_on_page(page: Page, prime: str, length: int, seed: int) -> None:
+    page.fill("#prime", prime)
+    page.fill("#length", str(length))
+    page.fill("#seed", str(seed))
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text(f"done (length, {length} characters)")
+
+
+def same_with_logprobs(server, prime: str, length: int, seed: int) -> dict:
+    """The non-streamed answer to the request the page sends (temperature left at the page's 0.8)."""
+    with server.client() as c:
+        return c.post("/generate", json={"prime": prime, "max_chars": length, "seed": seed, "temperature": 0.8,
+                                         "logprobs": 5, "stream": False}).json()
+
+
+def percent(logprob: float) -> str:  # as the page writes a probability
+    p = math.exp(logprob)
+    return "<0.1%" if p < 0.001 else f"{p * 100:.1f}%"
+
+
+def shown(char: str) -> str:  # as JavaScript's JSON.stringify
+    return json.dumps(char, ensure_ascii=False)
+
+
+def test_hovering_a_generated_character_shows_the_apis_probabilities(page, server):
+    generate_on_page(page, "ROMEO:", 80, 11)
+    same = same_with_logprobs(server, "ROMEO:", 80, 11)
+    spans = page.locator("#output span[data-i]")  # the generated characters; the prime is plain
+    expect(spans).to_have_count(80)
+    assert "".join(spans.all_text_contents()) == same["text"]
+    assert page.locator("#output .prime").get_attribute("data-i") is None
+    panel = page.locator("#char-info")
+    for k in [k for k in (0, 1, 17, 79) if same["text"][k] != "\n"]:  # a lone newline has no box to hover
+        spans.nth(k).hover()
+        expected = same["logprobs"][k]
+        mine = panel.locator("b")
+        expect(mine).to_have_text(f"{shown(expected['char'])} {percent(expected['logprob'])}")
+        assert float(mine.get_attribute("data-logprob")) == expected["logprob"]  # exactly the API's
+        expect(panel).to_contain_text(f"(surprise {-expected['logprob']:.2f} nats)")
+        items = panel.locator(".prediction")
+        expect(items).to_have_count(5)
+        assert items.all_text_contents() == [f" {shown(t['char'])} {percent(t['logprob'])} "
+                                             for t in expected["top_logprobs"]]
+        assert [float(x) for x in items.evaluate_all("els => els.map(e => e.dataset.logprob)")] == \
+            [t["logprob"] for t in expected["top_logprobs"]]
+        chosen = [t["char"] == expected["char"] for t in expected["top_logprobs"]]
+        assert items.evaluate_all("els => els.map(e => e.classList.contains('chosen'))") == chosen
+    page.locator("#output .prime").hover()  # the prime has no probabilities: the panel stays as it was
+    expect(panel.locator(".prediction")).to_have_count(5)
+
+
+def test_colour_by_surprise_shades_each_character_by_its_logprob(page, server):
+    page.check("#surprise")  # on while streaming: each character is shaded as it arrives
+    expect(page.locator("#surprise-legend")).to_be_visible()
+    generate_on_page(page, "ROMEO:", 120, 5)
+    surprise = [-t["logprob"] for t in same_with_logprobs(server, "ROMEO:", 120, 5)["logprobs"]]
+    spans = page.locator("#output span[data-i]")
+
+    def alphas() -> list[float]:  # background rgba(240, 120, 0, a), a = min(1, surprise / 4 nats), kept in 1/255ths
+        colours = spans.evaluate_all("els => els.map(e => e.style.backgroundColor)")
+        parsed = [re.fullmatch(r"rgba?\(240, 120, 0(?:, ([\d.]+))?\)", c) for c in colours]
+        assert all(parsed), colours
+        return [float(m[1] or 1) for m in parsed]
+
+    assert alphas() == pytest.approx([min(1, s / 4) for s in surprise], abs=1 / 255)
+    assert len(set(alphas())) > 10
+    assert page.locator("#output .prime").evaluate("e => e.style.backgroundColor") == ""
+    page.uncheck("#surprise")
+    expect(page.locator("#surprise-legend")).to_be_hidden()
+    assert set(spans.evaluate_all("els => els.map(e => e.style.backgroundColor)")) == {""}
+    page.check("#surprise")  # and back, for characters already there
+    assert alphas() == pytest.approx([min(1, s / 4) for s in surprise], abs=1 / 255)
+
+
+def test_continue_appends_characters_with_their_probabilities(page, server):
+    """Generated and continued characters carry the model's distribution: the same as /inspect predicts after
+    reading the prime and everything generated before them."""
+    generate_on_page(page, "MENENIUS:", 40, 9)
+    page.click("#continue")
+    expect(page.locator("#status")).to_contain_text("done (length, 40 characters)")
+    spans = page.locator("#output span[data-i]")
+    expect(spans).to_have_count(80)
+    text = "".join(spans.all_text_contents())
+    with server.client() as c:
+        inspected = c.post("/inspect", json={"text": "MENENIUS:" + text, "layer": 0, "units": [0]}).json()
+    predictions = inspected["predictions"]
+    for k in [k for k in (0, 39, 40, 41, 79) if text[k] != "\n"]:
+        spans.nth(k).hover()
+        items = page.locator("#char-info .prediction")
+        expect(items).to_have_count(5)
+        logprobs = [float(x) for x in items.evaluate_all("els => els.map(e => e.dataset.logprob)")]
+        expected = predictions[len("MENENIUS:") + k - 1]  # what the model expects after the character before
+        chars = [json.loads(t.strip().rsplit(" ", 1)[0]) for t in items.all_text_contents()]
+        assert chars == [p["char"] for p in expected]
+        assert [math.exp(x) for x in logprobs] == pytest.approx([p["p"] for p in expected], abs=6e-5)
+
+
+def test_without_probabilities_the_request_and_the_text_are_as_before(page, server):
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/generate") else None)
+    page.uncheck("#logprobs")
+    generate_on_page(page, "ROMEO:", 50, 3)
+    assert "logprobs" not in bodies[0]
+    with server.client() as c:
+        same = c.post("/generate", json={"prime": "ROMEO:", "max_chars": 50, "seed": 3, "temperature": 0.8,
+                                         "stream": False}).json()
+    assert output_text(page) == "ROMEO:" + same["text"]
+    page.locator("#output span[data-i]").nth(0).hover()
+    expect(page.locator("#char-info")).to_contain_text("generated without log-probabilities")
 
 
 def test_unknown_prime_characters_are_flagged_and_not_sent(page, server):

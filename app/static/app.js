@@ -1,5 +1,6 @@
-// The char-rnn page: stream generated text (POST /generate read as server-sent events) and look inside the
-// network (POST /inspect). Plain browser JavaScript, no build step, nothing loaded from elsewhere.
+// The char-rnn page: stream generated text (POST /generate read as server-sent events) with each character's
+// probability, and look inside the network (POST /inspect). Plain browser JavaScript, no build step, nothing
+// loaded from elsewhere.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,6 +10,8 @@ const state = {
   vocab: new Set(),
   sessionId: null,    // the session of the last generation, for Continue
   controller: null,   // AbortController of the running generation
+  generated: [],      // the token events of the output's generated characters: {char, logprob, top_logprobs}
+  hovered: null,      // the output's character whose probabilities are shown
   inspect: null,      // the last inspection: its request, answer, and the units' values fetched so far
 };
 
@@ -181,17 +184,17 @@ async function generate(continuing) {
   if (seed !== null) body.seed = seed;
   if (topK !== null) body.top_k = topK;
   if (continuing) body.session_id = state.sessionId;
+  if ($("logprobs").checked) body.logprobs = TOP_LOGPROBS;
 
-  const output = $("output");
   if (!continuing) {
-    output.replaceChildren();
     const shown = document.createElement("span");
     shown.className = "prime";
     shown.textContent = prime;
-    output.append(shown);
+    $("output").replaceChildren(shown);
+    state.generated = [];
+    state.hovered = null;
+    $("char-info").textContent = CHAR_INFO_HINT;
   }
-  const text = document.createTextNode("");
-  output.append(text);
 
   const controller = new AbortController();
   state.controller = controller;
@@ -225,7 +228,7 @@ async function generate(continuing) {
           first = performance.now();
           $("ttfc").textContent = `${(first - sent).toFixed(0)} ms`;
         }
-        text.appendData(data.char);
+        appendGenerated(data);
         count += 1;
       } else if (event === "start") {
         state.sessionId = data.session_id;
@@ -252,6 +255,75 @@ async function generate(continuing) {
 
 function stop() {
   if (state.controller) state.controller.abort();  // the server sees the disconnect and frees the stream
+}
+
+// ---- the probabilities of generated characters ----
+
+const TOP_LOGPROBS = 5;     // alternatives per character: the most the API gives
+const SURPRISE_MAX = 4;     // nats: -log p at which the surprise shade is full (p <= 1.8%)
+const CHAR_INFO_HINT = $("char-info").textContent;  // the panel's text before the first hover
+
+// One span per generated character (5,000 stream in without slowing the page): its index into state.generated.
+function appendGenerated(token) {
+  const span = document.createElement("span");
+  span.dataset.i = String(state.generated.length);
+  span.textContent = token.char;
+  if (token.logprob !== undefined && $("surprise").checked) span.style.backgroundColor = surpriseColour(-token.logprob);
+  state.generated.push(token);
+  $("output").append(span);
+}
+
+// 0 nats (certain) white, SURPRISE_MAX nats or more full orange.
+function surpriseColour(nats) {
+  return `rgba(240, 120, 0, ${Math.min(1, nats / SURPRISE_MAX).toFixed(3)})`;
+}
+
+function colourBySurprise() {
+  const on = $("surprise").checked;
+  $("surprise-legend").hidden = !on;
+  for (const span of $("output").querySelectorAll("span[data-i]")) {
+    const token = state.generated[Number(span.dataset.i)];
+    span.style.backgroundColor = on && token.logprob !== undefined ? surpriseColour(-token.logprob) : "";
+  }
+}
+
+function percent(p) {
+  return p < 0.001 ? "<0.1%" : `${(p * 100).toFixed(1)}%`;
+}
+
+function showCharInfo(event) {
+  const span = event.target.closest("span[data-i]");
+  if (!span || span === state.hovered) return;
+  if (state.hovered) state.hovered.classList.remove("hover");
+  span.classList.add("hover");
+  state.hovered = span;
+  const token = state.generated[Number(span.dataset.i)];
+  const panel = $("char-info");
+  if (token.logprob === undefined) {
+    panel.textContent = `${JSON.stringify(token.char)}: generated without log-probabilities.`;
+    return;
+  }
+  const mine = document.createElement("b");
+  mine.dataset.logprob = String(token.logprob);
+  mine.textContent = `${JSON.stringify(token.char)} ${percent(Math.exp(token.logprob))}`;
+  panel.replaceChildren(mine, ` (surprise ${(-token.logprob).toFixed(2)} nats); the model expected: `);
+  for (const top of token.top_logprobs) {
+    const item = predictionItem(top.char, Math.exp(top.logprob), percent(Math.exp(top.logprob)));
+    item.dataset.logprob = String(top.logprob);
+    item.classList.toggle("chosen", top.char === token.char);
+    panel.append(item);
+  }
+}
+
+// A character, its probability and a bar as long as the probability: the Generate and Inspect panels' items.
+function predictionItem(char, p, shown) {
+  const item = document.createElement("span");
+  item.className = "prediction";
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  bar.style.width = `${Math.round(p * 60)}px`;
+  item.append(` ${JSON.stringify(char)} ${shown} `, bar);
+  return item;
 }
 
 // ---- inspect ----
@@ -382,15 +454,7 @@ function showPredictions(event) {
   const panel = $("predictions");
   const value = rows.has(unit) ? rows.get(unit)[i].toFixed(3) : "…";
   panel.replaceChildren(`after ${shown(result.chars[i])} (unit ${unit}: ${value}) the model expects: `);
-  for (const p of result.predictions[i]) {
-    const item = document.createElement("span");
-    item.className = "prediction";
-    const bar = document.createElement("span");
-    bar.className = "bar";
-    bar.style.width = `${Math.round(p.p * 60)}px`;
-    item.append(` ${shown(p.char)} ${p.p.toFixed(3)} `, bar);
-    panel.append(item);
-  }
+  for (const p of result.predictions[i]) panel.append(predictionItem(p.char, p.p, p.p.toFixed(3)));
 }
 
 // ---- wiring ----
@@ -411,6 +475,8 @@ function wire() {
   $("generate").addEventListener("click", () => generate(false));
   $("continue").addEventListener("click", () => generate(true));
   $("stop").addEventListener("click", stop);
+  $("output").addEventListener("mouseover", showCharInfo);
+  $("surprise").addEventListener("change", colourBySurprise);
   $("inspect").addEventListener("click", inspect);
   $("unit").addEventListener("change", (e) => showUnit(Number(e.target.value)));
   $("unit-prev").addEventListener("click", () => showUnit(Number($("unit").value) - 1));
