@@ -66,6 +66,9 @@ def test_streamed_chunks_and_usage_equal_the_whole_answer(sdk):
 
 
 def test_n_choices_per_prompt_read_the_prompt_once(sdk, server):
+    read = server.metric("charrnn_prime_batch_size_sum")  # primes read, summed over the slices
+    sdk.completions.create(model="tiny", prompt="ROMEO:", max_tokens=5, n=4, seed=2)
+    assert server.metric("charrnn_prime_batch_size_sum") == read + 1  # one prime read, not four
     done = sdk.completions.create(model="tiny", prompt=["ROMEO:", "JULIET:"], max_tokens=30, n=3, seed=2)
     assert [c.index for c in done.choices] == list(range(6))
     texts = [c.text for c in done.choices]
