@@ -148,38 +148,104 @@ def sample(
         _fail(str(e))
 
 
+def _dynamic_report(dyn, held_out_chars: int) -> dict:
+    """A training.evaluate.DynamicResult as JSON: the lr chosen on the first half, both losses on the second."""
+    from training.evaluate import SEGMENT
+
+    return {"held_out_chars": held_out_chars, "segment": SEGMENT, "lr": dyn.lr,
+            "lr_grid": {str(lr): round(nats, 5) if nats < float("inf") else None for lr, nats in dyn.tuning.items()},
+            "tuned_on_chars": dyn.tuned_chars, "reported_on_chars": held_out_chars - dyn.tuned_chars,
+            "static_loss": round(dyn.static.nats, 5), "static_bpc": round(dyn.static.bits, 5),
+            "dynamic_loss": round(dyn.dynamic.nats, 5), "dynamic_bpc": round(dyn.dynamic.bits, 5),
+            "scored_chars": dyn.dynamic.chars}
+
+
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model name in the store, or a path to a .safetensors file.")],
     data: Annotated[Path, typer.Option(help="UTF-8 text; the loss is measured on its held-out part.")],
-    val_frac: Annotated[float, typer.Option(help="Last fraction of the text to measure on (as in training).")] = 0.1,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    seq_len: Annotated[int, typer.Option(min=1)] = 128,
+    protocol: Annotated[str, typer.Option(help="stream: the trainer's (contiguous streams, state carried); "
+                                                "windows: nanoGPT's (random windows from the zero state).")] = "stream",
+    dynamic: Annotated[bool, typer.Option(help="Also dynamic evaluation (SGD while reading), beside the static "
+                                                "loss of the same half of the held-out text.")] = False,
+    dynamic_lr: Annotated[Optional[float], typer.Option(min=0.0, help="SGD learning rate for --dynamic "
+                                                        "(default: the best of a grid on the first half).")] = None,
+    dynamic_chars: Annotated[Optional[int], typer.Option(min=4, help="Use only the first N held-out characters "
+                                                         "for --dynamic (default: all).")] = None,
+    windows: Annotated[int, typer.Option(min=1, help="Random windows for --protocol windows, drawn --batch-size "
+                                                     "at a time (nanoGPT: 200 x 64).")] = 12_800,
+    window: Annotated[int, typer.Option(min=1, help="Characters per window.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the window starts.")] = 1337,
+    val_frac: Annotated[Optional[float], typer.Option(help="Last fraction of the text to measure on "
+                                                      "(default: the model's own, as trained, else 0.1).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Streams (default: the model's own, as "
+                                                      "trained, else 64), or windows per batch (default: 64).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Characters per chunk of a stream (default: the "
+                                                   "model's own, else 128).")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when there is one), cpu or cuda.")] = "auto",
     model_store: Annotated[Optional[Path], typer.Option(help="Checkpoint folder.")] = None,
 ) -> None:
-    """Validation loss of a checkpoint as stored (e.g. fp16 weights) on the held-out end of a text."""
+    """Held-out loss of a checkpoint as stored (e.g. fp16 weights, read as fp32), in nats and bits per character.
+
+    The checkpoint is only read. Protocols and dynamic evaluation: training/evaluate.py.
+    """
+    import time
+
     import torch
 
     from charrnn.checkpoint import CheckpointError, load_model
+    from charrnn.runtime import available_cpus
     from charrnn.vocab import UnknownCharactersError
     from training.data import DataError, load_text, split, val_batches
-    from training.train import bits
-    from training.train import evaluate as val_loss
+    from training.evaluate import WINDOW_BATCH_SIZE, dynamic_evaluation, stream_loss, windows_loss
+    from training.train import resolve_device
 
+    if protocol not in ("stream", "windows"):
+        _fail(f"--protocol must be stream or windows, not {protocol!r}")
+    if protocol == "windows" and windows % (batch_size or WINDOW_BATCH_SIZE):
+        _fail(f"--windows ({windows}) must be a multiple of --batch-size ({batch_size or WINDOW_BATCH_SIZE}): "
+              "windows are drawn --batch-size at a time")
+    if not dynamic and (dynamic_lr is not None or dynamic_chars is not None):
+        _fail("--dynamic-lr and --dynamic-chars go with --dynamic")
+    if device not in ("auto", "cpu", "cuda"):
+        _fail(f"--device must be auto, cpu or cuda, not {device!r}")
+    torch.set_num_threads(available_cpus())
     try:
-        net, vocab, info = load_model(_resolve_checkpoint(model, model_store))
+        dev = resolve_device(device)
+        torch.backends.cudnn.allow_tf32 = False  # fp32 throughout: cuDNN would round the LSTM's products to TF32
+        net, vocab, info = load_model(_resolve_checkpoint(model, model_store), str(dev))
+        trained = info.training.get("train_config", {})  # by default, measure as the trainer did
+        val_frac = trained.get("val_frac", 0.1) if val_frac is None else val_frac
         corpus = load_text(data)
         ids = torch.from_numpy(vocab.encode(corpus.text))
         _, val = split(ids, val_frac)
-        loss = val_loss(net, val_batches(val, batch_size, seq_len), torch.device("cpu"))
+        started = time.monotonic()
+        if protocol == "stream":
+            batch_size, seq_len = batch_size or trained.get("batch_size", 64), seq_len or trained.get("seq_len", 128)
+            loss = stream_loss(net, val, batch_size, seq_len)
+            streams = val_batches(val, batch_size, seq_len)
+            shape = {"streams": streams.batch_size, "seq_len": streams.seq_len}
+        else:
+            batch_size = batch_size or WINDOW_BATCH_SIZE
+            loss = windows_loss(net, val, window, windows // batch_size, batch_size, seed)
+            at = [p for p in (0, 1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512) if p < window] + [window - 1]
+            shape = {"windows": loss.windows, "window": window, "seed": seed,
+                     "loss_at_position": {str(p): round(loss.by_position[p], 4) for p in at}}
+        result = {"protocol": protocol, "val_loss": round(loss.nats, 5), "val_bpc": round(loss.bits, 5),
+                  "val_chars": len(val), "scored_chars": loss.chars, **shape, "val_frac": val_frac,
+                  "seconds": round(time.monotonic() - started, 1), "device": dev.type,
+                  "weights_dtype": info.training.get("weights_dtype"),
+                  "recorded_val_loss": info.training.get("best_val_loss")}
+        if dynamic:
+            started = time.monotonic()
+            text = val[:dynamic_chars] if dynamic_chars else val
+            result["dynamic"] = _dynamic_report(dynamic_evaluation(net, text, dynamic_lr), len(text))
+            result["dynamic"]["seconds"] = round(time.monotonic() - started, 1)
     except UnknownCharactersError as e:
         _fail(f"the text has {e}")
     except (CheckpointError, DataError) as e:
         _fail(str(e))
-    recorded = info.training.get("best_val_loss")
-    print(json.dumps({"val_loss": round(loss, 5), "val_bpc": round(bits(loss), 5), "val_chars": len(val),
-                      "weights_dtype": info.training.get("weights_dtype"),
-                      "recorded_val_loss": recorded}, indent=2))
+    print(json.dumps(result, indent=2))
 
 
 @app.command()
