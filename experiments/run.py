@@ -238,6 +238,12 @@ def check_table(check: dict) -> list[str]:
     return rows + [""]
 
 
+def gpu_runs(corpus: str) -> str:
+    """What the recipe's comment says its GPU runs gave, or that there were none."""
+    text = (REPO / "experiments" / f"{corpus}.toml").read_text()
+    return "its runs: the recipe's comment" if "Run once" in text or "Runs:" in text else "not run yet"
+
+
 def render(results: dict[str, dict]) -> str:
     out = ["# The post's experiments: six corpora, six models", "",
            "Every number and sample here was produced by `experiments/run.py` (commands below) on this project's",
@@ -265,7 +271,9 @@ def render(results: dict[str, dict]) -> str:
                    f"{r['parameters']:,} | {seconds / 60:.1f} min{seconds_note} | {r['best_val_loss']:.3f} ({r['best_val_bpc']:.3f}) | "
                    f"{r['unigram_nats']:.3f} ({r['unigram_nats'] / math.log(2):.3f}) |")
     out += ["", "Train time is the wall-clock time of the `train` command; * marks the time the best checkpoint "
-            "took, for a model not retrained here. Validation losses are those of the best checkpoint."]
+            "took, for a model not retrained here. Validation losses are those of the best checkpoint.", ""]
+    # The same models measured by other protocols (`charrnn evaluate`), written by hand beside the recipes.
+    out += (REPO / "experiments" / "evaluation.md").read_text(encoding="utf-8").rstrip().splitlines()
     for corpus in ORDER:
         r = results.get(corpus)
         if r is None:
@@ -283,7 +291,8 @@ def render(results: dict[str, dict]) -> str:
                 + (f"; the whole run took {run['seconds'] / 60:.1f} min wall-clock" if run else "") + ".",
                 f"- Validation loss: **{r['best_val_loss']:.3f} nats/char ({r['best_val_bpc']:.3f} bits/char)** against "
                 f"{r['unigram_nats']:.3f} nats ({r['unigram_nats'] / math.log(2):.3f} bits) for the unigram baseline.",
-                f"- On a GPU: `train --gpu` uses {', '.join(f'{k} {v}' for k, v in r['gpu'].items())} (not run here).", ""]
+                f"- On a GPU: `train --gpu` uses {', '.join(f'{k} {v}' for k, v in recipe(corpus).get('gpu', {}).items())} "
+                f"({gpu_runs(corpus)}).", ""]
         if corpus == "shakespeare" and not run:
             out += ["This is the bundled model, trained before this page was written and not retrained for it. "
                     "Its run (docs/models.md) used the same settings, without `--sample-every` and with a "
