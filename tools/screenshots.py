@@ -70,6 +70,8 @@ def main() -> None:
             expect(page.locator("#heatmap span")).to_have_count(args.chars)
             page.fill("#unit", unit)
             page.dispatch_event("#unit", "change")
+            # a unit outside the first answer is fetched (a block of units) before its heat map shows
+            expect(page.locator("#inspect-result")).to_have_attribute("data-unit", unit)
             page.locator("#heatmap span").nth(40).hover()
             path = args.out / f"inspect-layer{layer}-{kind}-{unit}.png"
             page.screenshot(path=path, full_page=True)
