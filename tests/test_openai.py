@@ -53,7 +53,8 @@ def test_a_seeded_completion_equals_the_native_api(sdk, server):
     assert whole["text"] == choice.text and len(more["text"]) == 30
 
 
-def test_streamed_chunks_and_usage_equal_the_whole_answer(sdk):
+def test_streamed_chunks_and_usage_equal_the_whole_answer(sdk, server):
+    first_chars = server.metric("charrnn_time_to_first_char_seconds_count")
     whole = sdk.completions.create(model="tiny", prompt="ROMEO:", max_tokens=80, seed=5)
     chunks = list(sdk.completions.create(model="tiny", prompt="ROMEO:", max_tokens=80, seed=5, stream=True,
                                          stream_options={"include_usage": True}))
@@ -63,6 +64,8 @@ def test_streamed_chunks_and_usage_equal_the_whole_answer(sdk):
     assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 80
     assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
+    # the same metrics as /generate: streams running, characters, and the streams' latency histograms
+    assert server.metric("charrnn_time_to_first_char_seconds_count") == first_chars + 1
 
 
 def test_n_choices_per_prompt_read_the_prompt_once(sdk, server):

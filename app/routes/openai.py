@@ -298,7 +298,14 @@ async def _chunks(service: Service, choices: list[Choice], meta: dict, include_u
         if choice.text:
             await queue.put((choice, False))  # the echoed prompt
         if stream is not None:
+            metrics, last = service.metrics, None
             while (char := await stream.next_char()) is not None:
+                now = time.perf_counter()  # the same latency histograms as /generate's streams
+                if last is None:
+                    metrics.time_to_first_char.observe(now - choice.gen.started)
+                else:
+                    metrics.inter_char.observe(now - last)
+                last = now
                 _take(choice, char)
                 while stream.pending and (more := await stream.next_char()) is not None:
                     _take(choice, more)  # already computed: taken without waiting
