@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -216,3 +217,16 @@ def test_sampling_controls_reach_the_decoder(sdk, server):
                                     **native)["text"]
             assert text != plain, extra
     assert "e" not in sdk.completions.create(**base, logit_bias={"e": -100}).choices[0].text
+
+
+def test_a_stream_whose_client_leaves_frees_its_slots(server):
+    dropped = server.metric("charrnn_streams_dropped_total")
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 5000, "n": 2, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # one chunk, then the client goes away without reading the rest
+    deadline = time.monotonic() + 10
+    while server.metric("charrnn_streams_running", 'model="tiny"') and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("charrnn_streams_running", 'model="tiny"') == 0
+    assert server.metric("charrnn_streams_dropped_total") >= dropped + 1
