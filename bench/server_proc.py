@@ -38,8 +38,10 @@ def charrnn_server(store: Path, name: str, repo: Path = REPO, client_limits: boo
     module = "cli" if (repo / "cli").is_dir() else "charrnn"  # earlier versions: python -m charrnn
     command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--log-level", "warning"]
     limits = {} if client_limits else NO_CLIENT_LIMITS
+    # No JSON line per request: earlier versions, which A/B runs compare with, logged nothing at this level.
     return ServerProcess(command, cwd=repo, env={"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": name,
-                                                 **ALLOCATOR_ENV, "CHARRNN_NO_REEXEC": "1", **limits, **env})
+                                                 **ALLOCATOR_ENV, "CHARRNN_NO_REEXEC": "1", "CHARRNN_ACCESS_LOG": "false",
+                                                 **limits, **env})
 
 
 def free_port() -> int:
