@@ -39,9 +39,9 @@ def charrnn_server(store: Path, name: str, repo: Path = REPO, client_limits: boo
     command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--log-level", "warning"]
     limits = {} if client_limits else NO_CLIENT_LIMITS
     # No JSON line per request: earlier versions, which A/B runs compare with, logged nothing at this level.
-    return ServerProcess(command, cwd=repo, env={"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": name,
-                                                 **ALLOCATOR_ENV, "CHARRNN_NO_REEXEC": "1", "CHARRNN_ACCESS_LOG": "false",
-                                                 **limits, **env})
+    env = {"CHARRNN_MODEL_STORE": str(store), "CHARRNN_DEFAULT_MODEL": name, **ALLOCATOR_ENV,
+           "CHARRNN_NO_REEXEC": "1", "CHARRNN_ACCESS_LOG": "false", **limits, **env}
+    return ServerProcess(command, cwd=repo, env=env)
 
 
 def free_port() -> int:
