@@ -40,7 +40,7 @@ def measure(layers: int, hidden: int, precision: str, steps: int, warmup: int) -
     text = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     vocab = Vocab.from_text(text)
     batches = Batches(encode_corpus(text, vocab), batch_size=64, seq_len=128)
-    cfg = TrainConfig(data="", name="bench", layers=layers, hidden=hidden, dropout=0.2, precision=precision)
+    cfg = TrainConfig(data="", name="bench", layers=layers, hidden=hidden, embed=64, dropout=0.2, precision=precision)
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(len(vocab), "lstm", layers, hidden, cfg.embed, cfg.dropout)).train()
     optimizer = make_optimizer(cfg, model)

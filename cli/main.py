@@ -43,62 +43,64 @@ def _resolve_checkpoint(model: str, model_store: Optional[Path]) -> Path:
 @app.command()
 def train(
     data: Annotated[Optional[Path], typer.Option(help="UTF-8 text file to train on.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Model name: the checkpoint is <model-store>/<name>.safetensors.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name: the checkpoint is <model-store>/<name>.safetensors [default: the data file's name without its extension].")] = None,
     model_store: Annotated[Optional[Path], typer.Option(help="Checkpoint folder [default: $CHARRNN_MODEL_STORE or model_store/].")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run folder for log, loss curve, resume state [default: runs/<name>].")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it last saved.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over even if the run folder already holds a run.")] = False,
-    cell: Annotated[str, typer.Option(help="lstm, gru or rnn.")] = "lstm",
-    layers: Annotated[int, typer.Option(min=1)] = 2,
-    hidden: Annotated[int, typer.Option(min=1, help="Units per layer.")] = 512,
-    embed: Annotated[int, typer.Option(min=1, help="Character embedding size.")] = 64,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.2,
-    optim: Annotated[str, typer.Option(help="adam or rmsprop.")] = "adam",
-    lr: Annotated[float, typer.Option(min=0.0)] = 2e-3,
-    lr_decay: Annotated[float, typer.Option(help="Per-epoch factor once --decay-after epochs have passed.")] = 0.97,
-    decay_after: Annotated[float, typer.Option(help="Epochs at the full learning rate.")] = 10.0,
-    grad_clip: Annotated[float, typer.Option(help="Max global gradient norm.")] = 5.0,
-    seq_len: Annotated[int, typer.Option(min=1, help="Characters per truncated-BPTT chunk.")] = 128,
-    batch_size: Annotated[int, typer.Option(min=1, help="Parallel streams per batch.")] = 64,
-    eval_every: Annotated[int, typer.Option(min=1, help="Steps between validation passes and saves.")] = 200,
-    max_epochs: Annotated[Optional[float], typer.Option(help="[default: 50]")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop cleanly after this wall-clock budget.")] = None,
+    cell: Annotated[Optional[str], typer.Option(help="lstm, gru or rnn.")] = None,
+    layers: Annotated[Optional[int], typer.Option(min=1, help="Stacked layers [default: 2, or sized to --max-minutes].")] = None,
+    hidden: Annotated[Optional[int], typer.Option(min=1, help="Units per layer [default: 512, or sized to --max-minutes].")] = None,
+    embed: Annotated[Optional[int], typer.Option(min=1, help="Character embedding size [default: 64].")] = None,
+    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99)] = None,
+    optim: Annotated[Optional[str], typer.Option(help="adam or rmsprop.")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0)] = None,
+    lr_decay: Annotated[Optional[float], typer.Option(help="Per-epoch factor once --decay-after epochs have passed.")] = None,
+    decay_after: Annotated[Optional[float], typer.Option(help="Epochs at the full learning rate.")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Max global gradient norm.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Characters per truncated-BPTT chunk.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams per batch.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, help="Steps between validation passes and saves (also by the clock: the first within 20 s, then every minute).")] = None,
+    max_epochs: Annotated[Optional[float], typer.Option(help="Stop after this many epochs.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop cleanly after this wall-clock budget; without size flags, a speed probe picks the model size it can train.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps in all.")] = None,
-    seed: Annotated[int, typer.Option()] = 1337,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda [default: auto].")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Torch CPU threads [default: the CPUs this process may use].")] = None,
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (faster on CPUs with bf16 units).")] = "fp32",
-    val_frac: Annotated[float, typer.Option(help="Last fraction of the text held out for validation.")] = 0.1,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA; on a CPU with bf16 units, the faster of the two, timed), fp32 or bf16 autocast.")] = None,
+    val_frac: Annotated[Optional[float], typer.Option(help="Last fraction of the text held out for validation.")] = None,
     sample_every: Annotated[Optional[int], typer.Option(help="Print and log a sample every N steps (0 = never).")] = None,
-    sample_length: Annotated[int, typer.Option(min=1)] = 200,
-    save_dtype: Annotated[str, typer.Option(help="Weights in the checkpoint: fp32, fp16 or bf16.")] = "fp32",
+    sample_length: Annotated[Optional[int], typer.Option(min=1)] = None,
+    save_dtype: Annotated[Optional[str], typer.Option(help="Weights in the checkpoint: fp32, fp16 or bf16.")] = None,
 ) -> None:
-    """Train a model on a text file; the best checkpoint by validation loss lands in the model store."""
+    """Train a model on a text file; the best checkpoint by validation loss lands in the model store.
+
+    Options left out take the trainer's defaults (TrainConfig in training/train.py; README, "Train").
+    """
     from charrnn.checkpoint import CheckpointError
     from training.data import DataError
     from training.train import TrainConfig, config_from_resume
     from training.train import train as run_training
 
+    def given(**options) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
+
     try:
         if resume is not None:
             # The run's own settings are kept; only the budget, device and data path may be given again.
-            cfg = config_from_resume(
-                resume, data=str(data) if data else None, max_epochs=max_epochs, max_minutes=max_minutes,
-                max_steps=max_steps, device=device, threads=threads, sample_every=sample_every,
-                run_dir=str(resume), model_store=str(model_store) if model_store else None,
-            )
+            cfg = config_from_resume(resume, run_dir=str(resume), **given(
+                data=data, max_epochs=max_epochs, max_minutes=max_minutes, max_steps=max_steps, device=device,
+                threads=threads, sample_every=sample_every, model_store=model_store))
         else:
-            if data is None or name is None:
-                _fail("--data and --name are required (or --resume RUN_DIR)")
-            cfg = TrainConfig(
-                data=str(data), name=name, model_store=str(model_store or ""), run_dir=str(run_dir or ""),
-                cell=cell, layers=layers, hidden=hidden, embed=embed, dropout=dropout, optim=optim, lr=lr,
-                lr_decay=lr_decay, decay_after=decay_after, grad_clip=grad_clip, seq_len=seq_len,
-                batch_size=batch_size, eval_every=eval_every,
-                max_epochs=50.0 if max_epochs is None else max_epochs, max_minutes=max_minutes,
-                max_steps=max_steps, seed=seed, device=device or "auto", threads=threads, precision=precision,
-                val_frac=val_frac, sample_every=sample_every or 0, sample_length=sample_length, save_dtype=save_dtype,
-            )
+            if data is None:
+                _fail("--data is required (or --resume RUN_DIR)")
+            cfg = TrainConfig(name=name or data.stem, **given(
+                data=data, model_store=model_store, run_dir=run_dir, cell=cell, layers=layers, hidden=hidden,
+                embed=embed, dropout=dropout, optim=optim, lr=lr, lr_decay=lr_decay, decay_after=decay_after,
+                grad_clip=grad_clip, seq_len=seq_len, batch_size=batch_size, eval_every=eval_every,
+                max_epochs=max_epochs, max_minutes=max_minutes, max_steps=max_steps, seed=seed, device=device,
+                threads=threads, precision=precision, val_frac=val_frac, sample_every=sample_every,
+                sample_length=sample_length, save_dtype=save_dtype))
         run_training(cfg, resume_from=resume, overwrite=overwrite)
     except (DataError, CheckpointError, ValueError) as e:
         _fail(str(e))

@@ -27,7 +27,7 @@ def tiny_config(tmp_path: Path, data: Path, name: str = "tiny", **overrides) -> 
     settings = dict(
         data=str(data), name=name, model_store=str(tmp_path / "store"), run_dir=str(tmp_path / "runs" / name),
         layers=2, hidden=32, embed=16, dropout=0.1, seq_len=16, batch_size=8, eval_every=5,
-        max_epochs=100.0, max_steps=10, seed=7, device="cpu", threads=1,
+        max_epochs=100.0, max_steps=10, seed=7, device="cpu", threads=1, precision="fp32",  # not timed: repeatable
     )
     settings.update(overrides)
     return TrainConfig(**settings)

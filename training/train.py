@@ -5,6 +5,10 @@ Run it through the CLI: `charrnn train --data input.txt --name mytext` (see `cha
 Learning-rate schedule (char-rnn's): constant `lr` for the first `decay_after` epochs, then multiplied by
 `lr_decay` per epoch, applied smoothly per step: lr(e) = lr * lr_decay ** max(0, e - decay_after), where e is
 the fractional epoch.
+
+Defaults that fit the machine (docs/models.md): `precision auto` times a few steps in fp32 and in bf16 autocast
+where the CPU has bf16 units and keeps the faster; with `--max-minutes` and no size flag a speed probe picks
+the model size the budget can train; validation and saves also come by the clock, so a short run leaves a model.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,11 +30,20 @@ from tqdm import tqdm
 from charrnn.checkpoint import default_model_store, model_path, save_model, validate_model_name
 from charrnn.model import CharRNN, ModelConfig, State, detach_state
 from charrnn.runtime import available_cpus
-from charrnn.engine import Engine
+from charrnn.engine import Engine, resolve_precision
 from charrnn.vocab import Vocab
 from training.data import Batches, DataError, encode_corpus, load_text, split, val_batches
 from training.plot import plot_losses
 from training.resume import ResumeState, load_resume, save_resume
+
+DEFAULT_SIZE = (2, 512, 64)  # layers, hidden, embed when no budget is given (char-rnn's big model)
+PROBE_SIZES = ((2, 128), (2, 256), (2, 384), (2, 512))  # (layers, hidden) the speed probe tries, small to large
+CHARS_PER_PARAM = 5  # the probe picks the largest size that sees this many characters per parameter (measured)
+BF16_MIN_SPEEDUP = 1.1  # auto takes bf16 on a CPU only this much faster: a near tie stays fp32, run after run
+PROBE_STEPS = 3  # timed steps per probed size or precision, after PROBE_WARMUP untimed ones
+PROBE_WARMUP = 2  # one was not enough: a cold process timed fp32 at 0.7x its speed
+FIRST_EVAL_S = 20.0  # the first validation pass and save after at most this (or 10% of --max-minutes if less)
+EVAL_INTERVAL_S = 60.0  # then at least this often, besides every --eval-every steps
 
 
 @dataclass
@@ -40,9 +53,9 @@ class TrainConfig:
     model_store: str = ""  # "" = $CHARRNN_MODEL_STORE or model_store/
     run_dir: str = ""  # "" = runs/<name>: log, loss curve and resume state
     cell: str = "lstm"  # lstm | gru | rnn
-    layers: int = 2
-    hidden: int = 512
-    embed: int = 64
+    layers: int | None = None  # None: DEFAULT_SIZE, or the speed probe's choice under --max-minutes
+    hidden: int | None = None
+    embed: int | None = None
     dropout: float = 0.2
     optim: str = "adam"  # adam | rmsprop
     lr: float = 2e-3
@@ -58,7 +71,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch intra-op threads; None = the CPUs this process may use (affinity, quota)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 on CUDA, the faster of the two on CPU
     val_frac: float = 0.1  # last fraction of the text held out for validation
     sample_every: int = 0  # steps between printed samples (0 = never)
     sample_length: int = 200
@@ -68,8 +81,8 @@ class TrainConfig:
         validate_model_name(self.name)
         if self.optim not in ("adam", "rmsprop"):
             raise ValueError(f"--optim must be adam or rmsprop, not {self.optim!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, not {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16, not {self.precision!r}")
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"--save-dtype must be fp32, fp16 or bf16, not {self.save_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -151,6 +164,95 @@ def evaluate(model: CharRNN, batches: Batches, device: torch.device) -> float:
     return total / count
 
 
+@dataclass
+class Probe:
+    layers: int
+    hidden: int
+    params: int
+    chars_per_s: float
+
+    @property
+    def size(self) -> str:
+        return f"{self.layers}x{self.hidden}"
+
+
+def probe_speed(cfg: TrainConfig, config: ModelConfig, batches: Batches, device: torch.device) -> Probe:
+    """Characters per second of PROBE_STEPS training steps of a fresh model, on the real batches and settings."""
+    model = CharRNN(config).to(device).train()
+    optimizer = make_optimizer(cfg, model)
+    hidden = model.init_state(cfg.batch_size)
+    for i in range(PROBE_WARMUP + PROBE_STEPS):
+        if i == PROBE_WARMUP:  # the first steps warm up the kernels and the allocator
+            start = time.monotonic()
+        x, y = batches.get(i % len(batches))
+        _, hidden = train_step(model, optimizer, x.to(device), y.to(device), hidden, cfg)  # .item() syncs CUDA
+    seconds = time.monotonic() - start
+    return Probe(config.layers, config.hidden, model.num_parameters(), PROBE_STEPS * batches.chars_per_step / seconds)
+
+
+def choose_precision(cfg: TrainConfig, config: ModelConfig, batches: Batches, device: torch.device) -> str:
+    """`auto`: bf16 on a CUDA device that has it; on a CPU with bf16 units, whichever trains faster here.
+
+    bf16 autocast trained 1.45-1.8x faster than fp32 on an AMD EPYC (docs/benchmarks.md) but 0.6-0.7x as fast
+    on an Intel Xeon with AVX-512 bf16 (docs/models.md), both 2 vCPUs: so it is measured, not assumed.
+    """
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if resolve_precision("auto") == "fp32":
+        return "fp32"
+    fp32, bf16 = (probe_speed(replace(cfg, precision=p), config, batches, device) for p in ("fp32", "bf16"))
+    chosen = "bf16" if bf16.chars_per_s >= BF16_MIN_SPEEDUP * fp32.chars_per_s else "fp32"
+    print(f"precision {chosen}: bf16 autocast trains {bf16.chars_per_s / fp32.chars_per_s:.2f}x as fast as fp32 "
+          f"on this CPU ({fp32.size}, {bf16.chars_per_s:,.0f} vs {fp32.chars_per_s:,.0f} chars/s)")
+    return chosen
+
+
+def sees_enough(probe: Probe, seconds: float) -> bool:
+    return probe.chars_per_s * seconds >= CHARS_PER_PARAM * probe.params
+
+
+def choose_size(probes: list[Probe], seconds: float) -> Probe:
+    """The largest probed size that sees CHARS_PER_PARAM characters per parameter in `seconds`, else the smallest."""
+    fits = [p for p in probes if sees_enough(p, seconds)]
+    return max(fits, key=lambda p: p.params) if fits else min(probes, key=lambda p: p.params)
+
+
+def size_for_budget(cfg: TrainConfig, vocab_size: int, batches: Batches, device: torch.device,
+                    deadline: float) -> Probe:
+    """Probe PROBE_SIZES small to large (stopping at the first that would not see enough) and choose one."""
+    started = time.monotonic()
+    probes: list[Probe] = []
+    for layers, hidden in PROBE_SIZES:
+        config = ModelConfig(vocab_size, cfg.cell, layers, hidden, cfg.embed, cfg.dropout)
+        probes.append(probe_speed(cfg, config, batches, device))
+        if not sees_enough(probes[-1], deadline - time.monotonic()):
+            break  # the larger sizes are slower and have more parameters
+    left = deadline - time.monotonic()
+    chosen = choose_size(probes, left)
+    print(f"speed probe ({time.monotonic() - started:.1f} s): "
+          + ", ".join(f"{p.size} {p.chars_per_s:,.0f} chars/s" for p in probes))
+    print(f"size {chosen.size}: the largest that sees {CHARS_PER_PARAM} characters per parameter in the {left:.0f} s "
+          "left (" + ", ".join(f"{p.size} {p.chars_per_s * left / p.params:.1f}" for p in probes) + ")")
+    return chosen
+
+
+def settle_defaults(cfg: TrainConfig, vocab_size: int, batches: Batches, device: torch.device,
+                    deadline: float) -> TrainConfig:
+    """cfg with the size and precision filled in: as given, else measured here (docs/models.md)."""
+    layers, hidden, embed = DEFAULT_SIZE
+    left_out = cfg.layers is None and cfg.hidden is None and cfg.embed is None
+    cfg = replace(cfg, layers=cfg.layers or layers, hidden=cfg.hidden or hidden, embed=cfg.embed or embed)
+    if left_out and cfg.max_minutes:
+        smallest = ModelConfig(vocab_size, cfg.cell, *PROBE_SIZES[0], cfg.embed, cfg.dropout)
+        cfg = replace(cfg, precision=choose_precision(cfg, smallest, batches, device))
+        chosen = size_for_budget(cfg, vocab_size, batches, device, deadline)
+        return replace(cfg, layers=chosen.layers, hidden=chosen.hidden)
+    config = ModelConfig(vocab_size, cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)
+    return replace(cfg, precision=choose_precision(cfg, config, batches, device))
+
+
 def bits(nats: float) -> float:
     return nats / math.log(2)
 
@@ -195,6 +297,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     if len(val_ids) < 2:
         raise DataError(f"{cfg.data}: too short to hold out a validation part (raise --val-frac or use more text)")
     val = val_batches(val_ids, cfg.batch_size, cfg.seq_len)
+    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf  # the probes count against it
+    cfg = settle_defaults(cfg, len(vocab), batches, device, deadline)
 
     torch.manual_seed(cfg.seed)
     config = ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)
@@ -215,7 +319,6 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     total_steps = math.ceil(cfg.max_epochs * steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     checkpoint = model_path(cfg.store, cfg.name)
     log_path = run_dir / "log.jsonl"
 
@@ -283,9 +386,11 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1)
     window_start, window_chars = time.monotonic(), 0
     chars_per_s = 0.0
+    # by the clock too: the first validation and save come early, so a short run always leaves a model
+    next_eval = time.monotonic() + min(FIRST_EVAL_S, 0.1 * 60 * (cfg.max_minutes or math.inf))
     try:
         while step < total_steps:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline and step > 0:  # one step at least, so there is a model
                 stopped_because = "max_minutes"
                 break
             pos = step % steps_per_epoch
@@ -308,9 +413,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
                            "lr": lr, "chars_per_s": round(chars_per_s)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{val_loss:.3f}", cps=f"{chars_per_s / 1000:.1f}k")
-            if step % cfg.eval_every == 0:
+            if step % cfg.eval_every == 0 or time.monotonic() >= next_eval:
                 val_loss = checkpoint_and_log()
-                last_eval_step = step
+                last_eval_step, next_eval = step, time.monotonic() + EVAL_INTERVAL_S
                 bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: val {val_loss:.4f} nats/char "
                           f"({bits(val_loss):.3f} bits/char), best {best_val:.4f}")
             if cfg.sample_every and step % cfg.sample_every == 0:
@@ -336,7 +441,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     return TrainResult(checkpoint, run_dir, step, best_val, best_step, seconds, stopped_because)
 
 
-def config_from_resume(run_dir: Path, **overrides) -> TrainConfig:
+def config_from_resume(run_dir: Path, /, **overrides) -> TrainConfig:
     """The run's own config, with budget/device options replaced where given (None = keep)."""
     stored = load_resume(run_dir).train_config
     known = {f.name for f in fields(TrainConfig)}
