@@ -10,6 +10,7 @@ text. Each choice is a session, named in `choices[i].session_id`, that `/generat
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import secrets
 import time
@@ -51,7 +52,7 @@ choice and the characters computed since the last chunk (one or more), the last 
 def _card(lm: LoadedModel) -> ModelCard:
     created = lm.info.training.get("created")
     try:
-        stamp = int(time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))) if created else 0
+        stamp = calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")) if created else 0  # UTC
     except ValueError:
         stamp = 0
     return ModelCard(id=lm.name, created=stamp)
@@ -218,7 +219,7 @@ async def _finalize(service: Service, choices: list[Choice]) -> None:
                 await service.finalize(choice.gen)
 
 
-def _usage(choices: list[Choice], prompts: list[str], n: int) -> Usage:
+def _usage(choices: list[Choice], prompts: list[str]) -> Usage:
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(len(c.gen.stream.text) for c in choices if c.gen is not None)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
@@ -250,7 +251,7 @@ async def completions(req: CompletionRequest, service: ServiceDep, request: Requ
     meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": req.model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return event_response(_chunks(service, choices, meta, include_usage, prompts, req.n or 1),
+        return event_response(_chunks(service, choices, meta, include_usage, prompts),
                               service.settings.sse_ping_s, service.settings.shutdown_grace_s)
     watcher = asyncio.create_task(_watch_disconnect(request, choices, service))
     try:
@@ -264,7 +265,7 @@ async def completions(req: CompletionRequest, service: ServiceDep, request: Requ
         if c.gen is not None and c.finish_reason is None:
             status = 503 if c.gen.stream.finish_reason == "shutdown" else 500
             raise APIError(status, "generation_failed", c.gen.stream.error or "generation ended early")
-    body = Completion(**meta, choices=[_final_choice(c) for c in choices], usage=_usage(choices, prompts, req.n or 1))
+    body = Completion(**meta, choices=[_final_choice(c) for c in choices], usage=_usage(choices, prompts))
     return Response(body.model_dump_json(), media_type="application/json")
 
 
@@ -288,8 +289,8 @@ def _frame(payload: Completion | str) -> bytes:
     return b"data: " + data.encode() + b"\r\n\r\n"
 
 
-async def _chunks(service: Service, choices: list[Choice], meta: dict, include_usage: bool, prompts: list[str],
-                  n: int) -> AsyncIterator[bytes]:
+async def _chunks(service: Service, choices: list[Choice], meta: dict, include_usage: bool,
+                  prompts: list[str]) -> AsyncIterator[bytes]:
     """The stream: each choice's characters as they come, several to a chunk when several are ready."""
     queue: asyncio.Queue[tuple[Choice, bool]] = asyncio.Queue()
 
@@ -340,7 +341,7 @@ async def _chunks(service: Service, choices: list[Choice], meta: dict, include_u
             if last:
                 open_choices -= 1
         if include_usage:
-            yield _frame(Completion(**meta, choices=[], usage=_usage(choices, prompts, n)))
+            yield _frame(Completion(**meta, choices=[], usage=_usage(choices, prompts)))
         yield _frame("[DONE]")
         ended = True
     finally:
