@@ -89,6 +89,7 @@ class RedisSessionStore:
         return {"model": session.model, "sha256": session.model_sha256, "next_input": str(session.next_input),
                 "created": repr(session.created), "last_used": repr(session.last_used),
                 "generated_chars": str(session.generated_chars), "owner": session.owner or "",
+                "recent": session.recent,
                 "shape": shape, "state": data}
 
     @staticmethod
@@ -97,6 +98,7 @@ class RedisSessionStore:
         session.next_input = int(raw[b"next_input"])
         session.generated_chars = int(raw[b"generated_chars"])
         session.last_used = float(raw[b"last_used"])
+        session.recent = raw.get(b"recent", b"")
 
     async def get(self, session_id: str) -> Session | None:
         key, lock = self._keys(session_id)

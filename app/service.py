@@ -20,7 +20,7 @@ import torch
 
 
 from app.auth import Client
-from app.decoder import Decoder, SamplingParams, Stream, seeded_generator
+from app.decoder import REPETITION_WINDOW, Decoder, SamplingParams, Stream, seeded_generator
 from app.errors import APIError, invalid
 from app.metrics import Metrics
 from app.quotas import Quotas
@@ -45,6 +45,7 @@ class Generation:
     prime_chars: int
     started: float
     quota: str  # the client's generation slot (app/quotas.py)
+    history: list[int]  # the last ids read before the first generated one (the session keeps them, and more)
     finalized: bool = False
 
     def result(self) -> GenerateResult:
@@ -300,8 +301,10 @@ class Service:
         try:
             if session is not None:
                 ids, base = [session.next_input, *prime_ids], session.state
+                history = [*(session.recent_ids() or [session.next_input]), *prime_ids]
             else:
                 ids, base = start_ids(lm.vocab, prime_ids), None
+                history = ids
             state = await self.decoder_for(lm).prime(ids[:-1], base)
             while len(sessions) < n:
                 pool = self.pools.get(lm.sha256)
@@ -322,14 +325,15 @@ class Service:
                                 min_p=req.min_p, logit_bias=logit_bias, repetition_penalty=req.repetition_penalty,
                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                 repetition_window=req.repetition_window,
-                                prime_tail=tuple(ids[-req.repetition_window:]), logprobs=req.logprobs)
+                                prime_tail=tuple(history[-req.repetition_window:]), logprobs=req.logprobs)
+        history = history[-max(REPETITION_WINDOW, req.repetition_window):]
         generations = []
         for j, (each, quota) in enumerate(zip(sessions, quotas)):
             seed = req.seed if j == 0 or req.seed is None else f"{req.seed}/{j}"
             stream = Stream(state, ids[-1], params, seeded_generator(seed), lm.vocab.chars)
             self.decoder_for(lm).add(stream)
             self.metrics.streams_running.labels(model=lm.name).inc()
-            generations.append(Generation(stream, each, lm, len(prime), started, quota))
+            generations.append(Generation(stream, each, lm, len(prime), started, quota, history))
         return generations
 
     async def finalize(self, gen: Generation) -> None:
@@ -344,6 +348,9 @@ class Service:
         session.state = stream.state.materialize()  # a copy: the batch it lives in should not stay pinned
         session.next_input = stream.next_input
         session.generated_chars += len(stream.text)
+        keep = max(REPETITION_WINDOW, stream.params.repetition_window)
+        index = gen.lm.vocab.index
+        session.remember([*gen.history, *(index[c] for c in stream.text[-keep:])][-keep:])
         self.running -= 1
         with anyio.CancelScope(shield=True):
             await self.quotas.end_stream(gen.quota)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -88,6 +89,9 @@ class Session:
     last_used: float = field(default_factory=time.time)
     generated_chars: int = 0
     owner: str | None = None  # fingerprint of the API key that made it (app/auth.py); None without keys
+    # The last characters it read or produced (uint16 ids, ending with `next_input`): the repetition window
+    # of its next generation starts from them, so a continued session is penalized as one long generation.
+    recent: bytes = b""
     busy: bool = False
     released: bool = False
     loose: State | None = None
@@ -98,6 +102,12 @@ class Session:
         session = cls(id, model, model_sha256, pool, pool.alloc() if pool else -1, next_input, owner=owner)
         session.state = state
         return session
+
+    def recent_ids(self) -> list[int]:
+        return array("H", self.recent).tolist()
+
+    def remember(self, ids: list[int]) -> None:
+        self.recent = array("H", ids).tobytes()
 
     @property
     def state(self) -> State:

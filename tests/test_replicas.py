@@ -150,3 +150,13 @@ def test_redis_down_then_back(replicas, redis_server):
         assert ca.get("/readyz").json()["status"] == "ready"
         continued = generate(cb, session_id=sid, max_chars=10, temperature=0)["text"]
         assert generate(ca, prime="ROMEO:", max_chars=40, temperature=0)["text"].endswith(continued)
+
+
+def test_the_repetition_window_crosses_replicas_with_the_session(replicas):
+    a, b = replicas
+    controls = {"temperature": 0, "repetition_penalty": 1.3, "presence_penalty": 0.4}
+    with a.client() as ca, b.client() as cb:
+        whole = generate(ca, prime="ROMEO:", max_chars=160, **controls)["text"]
+        first = generate(ca, prime="ROMEO:", max_chars=80, **controls)
+        second = generate(cb, session_id=first["session_id"], max_chars=80, **controls)
+        assert first["text"] + second["text"] == whole

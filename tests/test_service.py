@@ -489,3 +489,19 @@ def test_greedy_with_logprobs_takes_the_top_character_and_keeps_the_text(client)
         top = entry["top_logprobs"]
         assert top[0] == {"char": entry["char"], "logprob": entry["logprob"]}
         assert 0 >= top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_a_continued_session_is_penalized_as_one_long_generation(client, window):
+    """The session keeps its last characters, so the repetition window reaches back across the join."""
+    controls = {"temperature": 0, "repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.2}
+    if window:
+        controls["repetition_window"] = window
+    whole = generate(client, prime="First Citizen:", max_chars=240, **controls)["text"]
+    first = generate(client, prime="First Citizen:", max_chars=120, **controls)
+    second = generate(client, session_id=first["session_id"], max_chars=120, **controls)
+    assert first["text"] + second["text"] == whole
+    # and a prime sent on continuing joins the window too: the same as reading it inside one long prime
+    third = generate(client, session_id=second["session_id"], prime="\nSecond", max_chars=60, **controls)
+    at_once = generate(client, prime="First Citizen:" + whole + "\nSecond", max_chars=60, **controls)
+    assert third["text"] == at_once["text"]
