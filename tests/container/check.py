@@ -207,7 +207,12 @@ def check_replicas_profile(compose: list[str], report: dict) -> None:
     kind, data = open_stream.final_event()
     codes = {name: run("podman", "inspect", name, "--format", "{{.State.ExitCode}}").strip()
              for name in [*servers, container("api"), container("lb"), container("redis")]}
-    assert all(code != "137" for code in codes.values()), f"a container was killed: {codes}"
+    killed = [name for name, code in codes.items() if code == "137"]
+    if killed:  # what it was doing when its stop timeout ran out, for whoever reads the CI log
+        for name in killed:
+            logs = subprocess.run(["podman", "logs", "--tail", "40", name], capture_output=True, text=True)
+            print(f"--- last lines of {name}:\n{logs.stdout}{logs.stderr}")
+    assert not killed, f"a container was killed: {codes}"
     print(f"4. replicas: lb ready in {report['lb_ready_s']} s; 5 pieces of one session on {len(used)} servers "
           f"equal one greedy request; stack stopped in {report['stack_stop_s']} s with a stream open through lb: "
           f"final event {kind}, exit codes {sorted(set(codes.values()))}")
