@@ -80,21 +80,20 @@ class InvalidParam(APIError):
 
 
 class Choice:
-    """One choice as it is sent: its text (without the stop string), offsets and log-probabilities."""
+    """One choice as it is sent: its text (without the stop string) and log-probabilities."""
 
     def __init__(self, index: int, gen: Generation | None, prefix: str, logprobs: int | None, stops: list[str]):
         self.index, self.gen, self.logprobs, self.stops = index, gen, logprobs, stops
         self.text = prefix  # the echoed prompt, if asked
         self.sent = 0  # characters of `text` already sent (streaming)
+        # with `logprobs`: one entry per character of `text`, so a character's index is its offset
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
-        self.offsets: list[int] = []
         # The last characters may be (part of) a stop string, which is not sent: held until the choice ends.
         self.hold = max((len(s) for s in stops), default=0)
 
     def add(self, char: str, logprob: float | None = None, top: dict[str, float] | None = None) -> None:
-        self.offsets.append(len(self.text))
         self.text += char
         if self.logprobs is not None:
             self.tokens.append(char)
@@ -112,11 +111,9 @@ class Choice:
     def payload(self, upto: int, start: int = 0) -> CompletionLogprobs | None:
         if self.logprobs is None:
             return None
-        picked = [k for k, offset in enumerate(self.offsets) if start <= offset < upto]
-        return CompletionLogprobs(tokens=[self.tokens[k] for k in picked],
-                                  token_logprobs=[self.token_logprobs[k] for k in picked],
-                                  top_logprobs=[self.top_logprobs[k] for k in picked],
-                                  text_offset=[self.offsets[k] for k in picked])
+        return CompletionLogprobs(tokens=self.tokens[start:upto], token_logprobs=self.token_logprobs[start:upto],
+                                  top_logprobs=self.top_logprobs[start:upto],
+                                  text_offset=list(range(start, min(upto, len(self.tokens)))))
 
     @property
     def finish_reason(self) -> str | None:
@@ -190,7 +187,6 @@ async def _start(service: Service, req: CompletionRequest, client: Client, promp
                     scored = await _score(service, lm, prompt, req.logprobs)
                     for choice in choices[p * n : (p + 1) * n]:
                         choice.tokens, choice.token_logprobs, choice.top_logprobs = (list(x) for x in scored)
-                        choice.offsets = list(range(len(prompt)))
     except BaseException:
         await _finalize(service, choices)
         raise
