@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The state is always a tuple: (h, c) for an LSTM, (h,) for a GRU or a plain RNN.
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 State = tuple[Tensor, ...]
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+# What nn.LSTM/GRU/RNN call for a whole sequence, used one layer at a time when the weights are dropped
+LAYER_FUNCTIONS = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
 
 
 @dataclass(frozen=True)
@@ -28,14 +31,24 @@ class ModelConfig:
     hidden: int = 512  # units per layer
     embed: int = 64  # size of the character embedding fed to the first layer
     dropout: float = 0.0  # between layers and before the output layer (training only)
+    # AWD-LSTM's regularisers (Merity et al. 2017), training only: the served weights are the same tensors
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights, one mask per batch
+    embed_drop: float = 0.0  # drops whole characters' embeddings, one mask per batch
+    locked_dropout: bool = False  # `dropout` with one mask per sequence for all its steps (variational)
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, not {self.cell!r}")
         if self.vocab_size < 1 or self.layers < 1 or self.hidden < 1 or self.embed < 1:
             raise ValueError("vocab_size, layers, hidden and embed must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        for name in ("dropout", "weight_drop", "embed_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), not {getattr(self, name)}")
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether training steps the layers one at a time (DropConnect or locked masks between them)."""
+        return self.weight_drop > 0 or (self.locked_dropout and self.dropout > 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,15 +85,51 @@ class CharRNN(nn.Module):
         B = ids.shape[0]
         if state is None:
             state = self.init_state(B)
-        x = self.embedding(ids)  # (B, T, E)
-        if self.config.cell == "lstm":
+        x = self._embed(ids)  # (B, T, E)
+        if self.training and self.config.per_layer:
+            out, new_state = self._layer_by_layer(x, state)
+        elif self.config.cell == "lstm":
             out, (h, c) = self.rnn(x, state)
             new_state: State = (h, c)
         else:
             out, h = self.rnn(x, state[0])
             new_state = (h,)
-        logits = self.head(self.drop(out))  # (B, T, V)
+        logits = self.head(self._dropout(out))  # (B, T, V)
         return logits, new_state
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        """The characters' embeddings; in training with `embed_drop`, some characters' rows are all zero."""
+        if not (self.training and self.config.embed_drop > 0):
+            return self.embedding(ids)
+        p = self.config.embed_drop  # one mask per batch: a dropped character looks like no character at all
+        keep = torch.rand(self.config.vocab_size, 1, device=ids.device) >= p
+        return F.embedding(ids, self.embedding.weight * keep / (1 - p))
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        """`dropout` on (B, T, D): per element, or with one mask per sequence when locked."""
+        if not (self.training and self.config.locked_dropout and self.config.dropout > 0):
+            return self.drop(x)
+        p = self.config.dropout
+        return x * (torch.rand(x.shape[0], 1, x.shape[2], device=x.device) >= p) / (1 - p)
+
+    def _layer_by_layer(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """The stack one layer at a time (what nn.LSTM does inside), so masks can go on weights and between layers."""
+        cfg, rnn = self.config, self.rnn
+        step = LAYER_FUNCTIONS[cfg.cell]
+        finals: list[tuple[Tensor, ...]] = []
+        for layer in range(cfg.layers):
+            w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
+                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            if cfg.weight_drop > 0:  # DropConnect: the same dropped recurrent weights at every step of the batch
+                w_hh = F.dropout(w_hh, cfg.weight_drop, training=True)
+            if layer > 0:
+                x = self._dropout(x)
+            hx = tuple(s[layer : layer + 1] for s in state)
+            # positional: has_biases, num_layers, dropout, train, bidirectional, batch_first
+            x, *final = step(x, hx if cfg.cell == "lstm" else hx[0], [w_ih, w_hh, b_ih, b_hh],
+                             True, 1, 0.0, True, False, True)
+            finals.append(tuple(final))
+        return x, tuple(torch.cat(parts) for parts in zip(*finals))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -2,9 +2,15 @@
 
 Run it through the CLI: `charrnn train --data input.txt --name mytext` (see `charrnn train --help`).
 
-Learning-rate schedule (char-rnn's): constant `lr` for the first `decay_after` epochs, then multiplied by
-`lr_decay` per epoch, applied smoothly per step: lr(e) = lr * lr_decay ** max(0, e - decay_after), where e is
-the fractional epoch.
+Learning-rate schedules: `decay` (char-rnn's) keeps `lr` for the first `decay_after` epochs, then multiplies it
+by `lr_decay` per epoch, applied smoothly per step: lr(e) = lr * lr_decay ** max(0, e - decay_after), where e is
+the fractional epoch. `cosine` (nanoGPT's) rises linearly over `warmup_steps`, then follows half a cosine from
+`lr` down to COSINE_FLOOR * lr at the end of the run: the last of --max-steps/--max-epochs, or of --max-minutes
+by the clock, whichever comes first.
+
+Regularisation (AWD-LSTM's, Merity et al. 2017; measured in docs/models.md): `dropout` (per element, or
+`locked_dropout` with one mask per sequence), `weight_drop` (DropConnect on the hidden-to-hidden weights),
+`embed_drop` (whole characters) and `weight_decay` (AdamW's, decoupled from the gradient).
 
 Defaults that fit the machine (docs/models.md): `precision auto` times a few steps in fp32 and in bf16 autocast
 where the CPU has bf16 units and keeps the faster; with `--max-minutes` and no size flag a speed probe picks
@@ -44,6 +50,7 @@ PROBE_STEPS = 3  # timed steps per probed size or precision, after PROBE_WARMUP 
 PROBE_WARMUP = 2  # one was not enough: a cold process timed fp32 at 0.7x its speed
 FIRST_EVAL_S = 20.0  # the first validation pass and save after at most this (or 10% of --max-minutes if less)
 EVAL_INTERVAL_S = 60.0  # then at least this often, besides every --eval-every steps
+COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of --lr (nanoGPT's min_lr = lr / 10)
 
 
 @dataclass
@@ -57,10 +64,16 @@ class TrainConfig:
     hidden: int | None = None
     embed: int | None = None
     dropout: float = 0.2
+    locked_dropout: bool = False  # one dropout mask per sequence (variational) instead of per element
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
+    embed_drop: float = 0.0  # drop whole characters' embeddings
+    weight_decay: float = 0.0  # decoupled (AdamW); with rmsprop, L2
     optim: str = "adam"  # adam | rmsprop
     lr: float = 2e-3
-    lr_decay: float = 0.97  # per epoch, once decay_after epochs have passed
+    schedule: str = "decay"  # decay (char-rnn's, per epoch) | cosine (warmup, then down to COSINE_FLOOR * lr)
+    lr_decay: float = 0.97  # per epoch, once decay_after epochs have passed (schedule decay)
     decay_after: float = 10.0
+    warmup_steps: int = 0  # linear warmup (schedule cosine)
     grad_clip: float = 5.0  # max global gradient norm
     seq_len: int = 128  # characters per truncated-BPTT chunk
     batch_size: int = 64  # parallel streams
@@ -81,6 +94,10 @@ class TrainConfig:
         validate_model_name(self.name)
         if self.optim not in ("adam", "rmsprop"):
             raise ValueError(f"--optim must be adam or rmsprop, not {self.optim!r}")
+        if self.schedule not in ("decay", "cosine"):
+            raise ValueError(f"--schedule must be decay or cosine, not {self.schedule!r}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("--weight-decay and --warmup-steps cannot be negative")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--precision must be auto, fp32 or bf16, not {self.precision!r}")
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
@@ -118,14 +135,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def learning_rate(cfg: TrainConfig, epoch: float) -> float:
-    return cfg.lr * cfg.lr_decay ** max(0.0, epoch - cfg.decay_after)
+def learning_rate(cfg: TrainConfig, epoch: float, step: int = 0, progress: float = 0.0) -> float:
+    """The rate for the next step: `decay` by the epoch, `cosine` by the step and the run's progress (0 to 1)."""
+    if cfg.schedule == "decay":
+        return cfg.lr * cfg.lr_decay ** max(0.0, epoch - cfg.decay_after)
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * cosine)
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, layers: int = 0, hidden: int = 0) -> ModelConfig:
+    return ModelConfig(vocab_size, cfg.cell, layers or cfg.layers, hidden or cfg.hidden, cfg.embed, cfg.dropout,
+                       weight_drop=cfg.weight_drop, embed_drop=cfg.embed_drop, locked_dropout=cfg.locked_dropout)
 
 
 def make_optimizer(cfg: TrainConfig, model: CharRNN) -> torch.optim.Optimizer:
+    if cfg.optim == "adam" and cfg.weight_decay:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optim == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=0.95)
+    return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=0.95, weight_decay=cfg.weight_decay)
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):
@@ -225,7 +255,7 @@ def size_for_budget(cfg: TrainConfig, vocab_size: int, batches: Batches, device:
     started = time.monotonic()
     probes: list[Probe] = []
     for layers, hidden in PROBE_SIZES:
-        config = ModelConfig(vocab_size, cfg.cell, layers, hidden, cfg.embed, cfg.dropout)
+        config = model_config(cfg, vocab_size, layers, hidden)
         probes.append(probe_speed(cfg, config, batches, device))
         if not sees_enough(probes[-1], deadline - time.monotonic()):
             break  # the larger sizes are slower and have more parameters
@@ -245,11 +275,11 @@ def settle_defaults(cfg: TrainConfig, vocab_size: int, batches: Batches, device:
     left_out = cfg.layers is None and cfg.hidden is None and cfg.embed is None
     cfg = replace(cfg, layers=cfg.layers or layers, hidden=cfg.hidden or hidden, embed=cfg.embed or embed)
     if left_out and cfg.max_minutes:
-        smallest = ModelConfig(vocab_size, cfg.cell, *PROBE_SIZES[0], cfg.embed, cfg.dropout)
+        smallest = model_config(cfg, vocab_size, *PROBE_SIZES[0])
         cfg = replace(cfg, precision=choose_precision(cfg, smallest, batches, device))
         chosen = size_for_budget(cfg, vocab_size, batches, device, deadline)
         return replace(cfg, layers=chosen.layers, hidden=chosen.hidden)
-    config = ModelConfig(vocab_size, cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)
+    config = model_config(cfg, vocab_size)
     return replace(cfg, precision=choose_precision(cfg, config, batches, device))
 
 
@@ -301,8 +331,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     cfg = settle_defaults(cfg, len(vocab), batches, device, deadline)
 
     torch.manual_seed(cfg.seed)
-    config = ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)
-    model = CharRNN(config).to(device)
+    model = CharRNN(model_config(cfg, len(vocab))).to(device)
     optimizer = make_optimizer(cfg, model)
     step, best_val, best_step, elapsed_before = 0, math.inf, 0, 0.0
     hidden: State | None = None
@@ -396,7 +425,10 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
             pos = step % steps_per_epoch
             if pos == 0 or hidden is None:
                 hidden = model.init_state(cfg.batch_size)
-            lr = learning_rate(cfg, step / steps_per_epoch)
+            progress = step / total_steps
+            if cfg.max_minutes:  # the cosine ends with the budget when the clock runs out first
+                progress = max(progress, (time.monotonic() - started) / (deadline - started))
+            lr = learning_rate(cfg, step / steps_per_epoch, step, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = batches.get(pos)
