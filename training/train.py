@@ -49,7 +49,8 @@ BF16_MIN_SPEEDUP = 1.1  # auto takes bf16 on a CPU only this much faster: a near
 PROBE_STEPS = 3  # timed steps per probed size or precision, after PROBE_WARMUP untimed ones
 PROBE_WARMUP = 2  # one was not enough: a cold process timed fp32 at 0.7x its speed
 FIRST_EVAL_S = 20.0  # the first validation pass and save after at most this (or 10% of --max-minutes if less)
-EVAL_INTERVAL_S = 60.0  # then at least this often, besides every --eval-every steps
+EVAL_INTERVAL_S = 60.0  # then at least this often, besides every --eval-every steps,
+EVAL_BUDGET_SHARE = 0.05  # or every 5% of --max-minutes if longer: long runs evaluate bigger models
 COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of --lr (nanoGPT's min_lr = lr / 10)
 
 
@@ -447,7 +448,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
             bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{val_loss:.3f}", cps=f"{chars_per_s / 1000:.1f}k")
             if step % cfg.eval_every == 0 or time.monotonic() >= next_eval:
                 val_loss = checkpoint_and_log()
-                last_eval_step, next_eval = step, time.monotonic() + EVAL_INTERVAL_S
+                interval = max(EVAL_INTERVAL_S, EVAL_BUDGET_SHARE * 60 * (cfg.max_minutes or 0))
+                last_eval_step, next_eval = step, time.monotonic() + interval
                 bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: val {val_loss:.4f} nats/char "
                           f"({bits(val_loss):.3f} bits/char), best {best_val:.4f}")
             if cfg.sample_every and step % cfg.sample_every == 0:
