@@ -78,13 +78,17 @@ def train(
     sample_every: Annotated[Optional[int], typer.Option(help="Print and log a sample every N steps (0 = never).")] = None,
     sample_length: Annotated[Optional[int], typer.Option(min=1)] = None,
     save_dtype: Annotated[Optional[str], typer.Option(help="Weights in the checkpoint: fp32, fp16 or bf16.")] = None,
+    dist_timeout: Annotated[Optional[float], typer.Option(help="Under torchrun: minutes a worker waits for the "
+                                                          "others before it fails [default: 10].")] = None,
 ) -> None:
     """Train a model on a text file; the best checkpoint by validation loss lands in the model store.
 
     Options left out take the trainer's defaults (TrainConfig in training/train.py; README, "Train").
+    Under `torchrun --nproc-per-node N -m charrnn train ...`, N workers train one model (README).
     """
     from charrnn.checkpoint import CheckpointError
     from training.data import DataError
+    from training.distributed import WorkerError
     from training.train import TrainConfig, config_from_resume
     from training.train import train as run_training
 
@@ -96,7 +100,7 @@ def train(
             # The run's own settings are kept; only the budget, device and data path may be given again.
             cfg = config_from_resume(resume, run_dir=str(resume), **given(
                 data=data, max_epochs=max_epochs, max_minutes=max_minutes, max_steps=max_steps, device=device,
-                threads=threads, sample_every=sample_every, model_store=model_store))
+                threads=threads, sample_every=sample_every, model_store=model_store, dist_timeout=dist_timeout))
         else:
             if data is None:
                 _fail("--data is required (or --resume RUN_DIR)")
@@ -108,9 +112,9 @@ def train(
                 grad_clip=grad_clip, seq_len=seq_len, batch_size=batch_size, eval_every=eval_every,
                 max_epochs=max_epochs, max_minutes=max_minutes, max_steps=max_steps, seed=seed, device=device,
                 threads=threads, precision=precision, val_frac=val_frac, sample_every=sample_every,
-                sample_length=sample_length, save_dtype=save_dtype))
+                sample_length=sample_length, save_dtype=save_dtype, dist_timeout=dist_timeout))
         run_training(cfg, resume_from=resume, overwrite=overwrite)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, WorkerError) as e:
         _fail(str(e))
 
 

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
-from charrnn.checkpoint import load_model, read_metadata
+from charrnn.checkpoint import load_model, read_header, read_metadata
 from charrnn.engine import Engine
 from training.data import DataError
-from training.resume import RESUME_FILE
+from training.resume import RESUME_FILE, load_resume
 from training.train import config_from_resume, train
 
 from conftest import tiny_config
@@ -69,6 +69,25 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, shake
     best_a = load_file(str(tmp_path / "a" / "store" / "tiny.safetensors"))
     best_b = load_file(str(tmp_path / "b" / "store" / "tiny.safetensors"))
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+def test_a_resume_file_from_before_workers_still_resumes_exactly(tmp_path, shakespeare_slice):
+    # format 1: one process's generator state as "rng.cpu", no world size
+    train(tiny_config(tmp_path / "a", shakespeare_slice, max_steps=8, eval_every=4, dropout=0.3))
+    train(tiny_config(tmp_path / "b", shakespeare_slice, max_steps=4, eval_every=4, dropout=0.3))
+    run_b = tmp_path / "b" / "runs" / "tiny"
+    path = run_b / RESUME_FILE
+    metadata = read_header(path)["__metadata__"]
+    del metadata["world_size"]
+    tensors = load_file(str(path))
+    tensors["rng.cpu"] = tensors.pop("rng.cpu.0")
+    path.write_bytes(save(tensors, metadata={**metadata, "format_version": "charrnn-resume-1"}))
+
+    assert load_resume(run_b).world_size == 1
+    train(config_from_resume(run_b, max_steps=8), resume_from=run_b)
+    a = load_file(str(tmp_path / "a" / "runs" / "tiny" / RESUME_FILE))
+    b = load_file(str(path))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_second_run_with_the_same_name_does_not_silently_overwrite(tmp_path, shakespeare_slice):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,12 @@ class Batches:
     @property
     def chars_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+    def rows(self, start: int, stop: int) -> Batches:
+        """Streams [start, stop) only: one worker's share of every batch (training/distributed.py)."""
+        share = copy.copy(self)
+        share.streams, share.batch_size = self.streams[start:stop], stop - start
+        return share
 
 
 def val_batches(ids: Tensor, batch_size: int, seq_len: int) -> Batches:

@@ -2,6 +2,9 @@
 
 It lives in the run folder (`runs/<name>/resume.safetensors`), apart from the served checkpoint, and is
 written atomically at every evaluation, so an interrupted run continues exactly where it last saved.
+A run of several workers (training/distributed.py) keeps the hidden state of all its streams, in stream order,
+and each worker's random number generators, so it resumes exactly with as many workers (format 2; format 1,
+written by one process before there were workers, still reads as a run of one).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from safetensors.torch import load_file, save
 from charrnn.checkpoint import CheckpointError, atomic_write, read_header
 
 RESUME_FILE = "resume.safetensors"
-RESUME_FORMAT = "charrnn-resume-1"
+RESUME_FORMAT = "charrnn-resume-2"
+READABLE_FORMATS = ("charrnn-resume-1", RESUME_FORMAT)
 
 
 @dataclass
@@ -30,9 +34,14 @@ class ResumeState:
     elapsed_s: float
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    rng_cpu: torch.Tensor
-    rng_cuda: torch.Tensor | None
-    hidden: tuple[torch.Tensor, ...] | None
+    rng_cpu: list[torch.Tensor]  # one generator state per worker, by rank (one for a plain run)
+    rng_cuda: list[torch.Tensor] | None  # the same on GPUs
+    hidden: tuple[torch.Tensor, ...] | None  # the carried state of every stream (layers, batch, hidden)
+
+    @property
+    def world_size(self) -> int:
+        """How many workers wrote it."""
+        return len(self.rng_cpu)
 
 
 def save_resume(run_dir: Path, rs: ResumeState) -> None:
@@ -44,9 +53,10 @@ def save_resume(run_dir: Path, rs: ResumeState) -> None:
                 tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    tensors["rng.cpu"] = rs.rng_cpu.contiguous()
-    if rs.rng_cuda is not None:
-        tensors["rng.cuda"] = rs.rng_cuda.cpu().contiguous()
+    for rank, state in enumerate(rs.rng_cpu):
+        tensors[f"rng.cpu.{rank}"] = state.contiguous()
+    for rank, state in enumerate(rs.rng_cuda or ()):
+        tensors[f"rng.cuda.{rank}"] = state.cpu().contiguous()
     for i, h in enumerate(rs.hidden or ()):
         tensors[f"hidden.{i}"] = h.detach().cpu().contiguous()
     metadata = {
@@ -59,6 +69,7 @@ def save_resume(run_dir: Path, rs: ResumeState) -> None:
         "elapsed_s": repr(rs.elapsed_s),
         "optim_groups": json.dumps(rs.optimizer["param_groups"]),
         "optim_scalars": json.dumps(scalars),
+        "world_size": str(rs.world_size),
     }
     atomic_write(Path(run_dir) / RESUME_FILE, save(tensors, metadata=metadata))
 
@@ -68,8 +79,8 @@ def load_resume(run_dir: Path) -> ResumeState:
     if not path.exists():
         raise CheckpointError(f"{run_dir}: no {RESUME_FILE} here; is this a run folder written by `charrnn train`?")
     meta = read_header(path).get("__metadata__") or {}
-    if meta.get("format_version") != RESUME_FORMAT:
-        raise CheckpointError(f"{path}: not a resume file of format {RESUME_FORMAT}")
+    if meta.get("format_version") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: not a resume file of format {' or '.join(READABLE_FORMATS)}")
     tensors = load_file(str(path))
     optim_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -78,6 +89,11 @@ def load_resume(run_dir: Path) -> ResumeState:
             optim_state.setdefault(int(idx), {})[name] = value
     for idx, values in json.loads(meta["optim_scalars"]).items():
         optim_state.setdefault(int(idx), {}).update(values)
+    if meta["format_version"] == "charrnn-resume-1":  # one process, before there were workers: no rank in the names
+        for kind in ("cpu", "cuda"):
+            if f"rng.{kind}" in tensors:
+                tensors[f"rng.{kind}.0"] = tensors.pop(f"rng.{kind}")
+    world_size = int(meta.get("world_size", "1"))
     hidden = []
     while f"hidden.{len(hidden)}" in tensors:
         hidden.append(tensors[f"hidden.{len(hidden)}"])
@@ -90,7 +106,7 @@ def load_resume(run_dir: Path) -> ResumeState:
         elapsed_s=float(meta["elapsed_s"]),
         model={k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
         optimizer={"state": optim_state, "param_groups": json.loads(meta["optim_groups"])},
-        rng_cpu=tensors["rng.cpu"],
-        rng_cuda=tensors.get("rng.cuda"),
+        rng_cpu=[tensors[f"rng.cpu.{rank}"] for rank in range(world_size)],
+        rng_cuda=[tensors[f"rng.cuda.{rank}"] for rank in range(world_size)] if "rng.cuda.0" in tensors else None,
         hidden=tuple(hidden) or None,
     )

@@ -15,6 +15,10 @@ Regularisation (AWD-LSTM's, Merity et al. 2017; measured in docs/models.md): `dr
 Defaults that fit the machine (docs/models.md): `precision auto` times a few steps in fp32 and in bf16 autocast
 where the CPU has bf16 units and keeps the faster; with `--max-minutes` and no size flag a speed probe picks
 the model size the budget can train; validation and saves also come by the clock, so a short run leaves a model.
+
+Several workers (`torchrun --nproc-per-node N -m charrnn train ...`, training/distributed.py): each trains on
+its share of every batch's streams and carries only their hidden state; rank 0 decides the measured defaults,
+evaluates, logs and saves, and all stop at the same step.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
@@ -31,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from charrnn.checkpoint import default_model_store, model_path, save_model, validate_model_name
@@ -39,6 +47,7 @@ from charrnn.runtime import available_cpus
 from charrnn.engine import Engine, resolve_precision
 from charrnn.vocab import Vocab
 from training.data import Batches, DataError, encode_corpus, load_text, split, val_batches
+from training.distributed import World
 from training.plot import plot_losses
 from training.resume import ResumeState, load_resume, save_resume
 
@@ -84,12 +93,13 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch intra-op threads; None = the CPUs this process may use (affinity, quota)
+    threads: int | None = None  # torch intra-op threads; None = the CPUs this process may use, shared by its workers
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 on CUDA, the faster of the two on CPU
     val_frac: float = 0.1  # last fraction of the text held out for validation
     sample_every: int = 0  # steps between printed samples (0 = never)
     sample_length: int = 200
     save_dtype: str = "fp32"  # fp32 | fp16 | bf16 weights in the served checkpoint
+    dist_timeout: float = 10.0  # minutes a worker waits for the others (rank 0's validation too) before it fails
 
     def __post_init__(self) -> None:
         validate_model_name(self.name)
@@ -107,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if self.eval_every < 1:
             raise ValueError("--eval-every must be at least 1")
+        if self.dist_timeout <= 0:
+            raise ValueError("--dist-timeout must be a positive number of minutes")
 
     @property
     def store(self) -> Path:
@@ -128,12 +140,18 @@ class TrainResult:
     stopped_because: str
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device to use; on a machine with several workers, worker `local_rank` takes GPU `local_rank`."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise DataError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
+    if local_rank >= torch.cuda.device_count():
+        raise DataError(f"worker {local_rank} of this machine has no GPU of its own: it has "
+                        f"{torch.cuda.device_count()}; start at most that many (torchrun --nproc-per-node)")
+    return torch.device("cuda", local_rank)
 
 
 def learning_rate(cfg: TrainConfig, epoch: float, step: int = 0, progress: float = 0.0) -> float:
@@ -165,10 +183,12 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def train_step(
-    model: CharRNN, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, hidden: State, cfg: TrainConfig
-) -> tuple[float, State]:
-    """One truncated-BPTT update on inputs/targets (B, T); returns the loss and the detached carried state."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, hidden: State,
+               cfg: TrainConfig) -> tuple[float, State]:
+    """One truncated-BPTT update on inputs/targets (B, T); returns the loss and the detached carried state.
+
+    `model` may be a CharRNN wrapped in DDP: its backward then averages the gradients over the workers.
+    """
     with autocast_for(cfg, x.device):
         logits, hidden = model(x, hidden)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -207,21 +227,28 @@ class Probe:
         return f"{self.layers}x{self.hidden}"
 
 
-def probe_speed(cfg: TrainConfig, config: ModelConfig, batches: Batches, device: torch.device) -> Probe:
-    """Characters per second of PROBE_STEPS training steps of a fresh model, on the real batches and settings."""
+def probe_speed(cfg: TrainConfig, config: ModelConfig, batches: Batches, device: torch.device,
+                workers: int = 1) -> Probe:
+    """Characters per second of PROBE_STEPS training steps of a fresh model, on the real batches and settings.
+
+    With several workers, `batches` is this worker's share and the speed is `workers` times its own: the others
+    wait meanwhile, so it is timed as it will run, less the gradients' exchange.
+    """
     model = CharRNN(config).to(device).train()
     optimizer = make_optimizer(cfg, model)
-    hidden = model.init_state(cfg.batch_size)
+    hidden = model.init_state(batches.batch_size)
     for i in range(PROBE_WARMUP + PROBE_STEPS):
         if i == PROBE_WARMUP:  # the first steps warm up the kernels and the allocator
             start = time.monotonic()
         x, y = batches.get(i % len(batches))
         _, hidden = train_step(model, optimizer, x.to(device), y.to(device), hidden, cfg)  # .item() syncs CUDA
     seconds = time.monotonic() - start
-    return Probe(config.layers, config.hidden, model.num_parameters(), PROBE_STEPS * batches.chars_per_step / seconds)
+    chars = PROBE_STEPS * batches.chars_per_step * workers
+    return Probe(config.layers, config.hidden, model.num_parameters(), chars / seconds)
 
 
-def choose_precision(cfg: TrainConfig, config: ModelConfig, batches: Batches, device: torch.device) -> str:
+def choose_precision(cfg: TrainConfig, config: ModelConfig, batches: Batches, device: torch.device,
+                     workers: int = 1) -> str:
     """`auto`: bf16 on a CUDA device that has it; on a CPU with bf16 units, whichever trains faster here.
 
     bf16 autocast trained 1.45-1.8x faster than fp32 on an AMD EPYC (docs/benchmarks.md) but 0.6-0.7x as fast
@@ -233,7 +260,7 @@ def choose_precision(cfg: TrainConfig, config: ModelConfig, batches: Batches, de
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if resolve_precision("auto") == "fp32":
         return "fp32"
-    fp32, bf16 = (probe_speed(replace(cfg, precision=p), config, batches, device) for p in ("fp32", "bf16"))
+    fp32, bf16 = (probe_speed(replace(cfg, precision=p), config, batches, device, workers) for p in ("fp32", "bf16"))
     chosen = "bf16" if bf16.chars_per_s >= BF16_MIN_SPEEDUP * fp32.chars_per_s else "fp32"
     print(f"precision {chosen}: bf16 autocast trains {bf16.chars_per_s / fp32.chars_per_s:.2f}x as fast as fp32 "
           f"on this CPU ({fp32.size}, {bf16.chars_per_s:,.0f} vs {fp32.chars_per_s:,.0f} chars/s)")
@@ -251,13 +278,13 @@ def choose_size(probes: list[Probe], seconds: float) -> Probe:
 
 
 def size_for_budget(cfg: TrainConfig, vocab_size: int, batches: Batches, device: torch.device,
-                    deadline: float) -> Probe:
+                    deadline: float, workers: int = 1) -> Probe:
     """Probe PROBE_SIZES small to large (stopping at the first that would not see enough) and choose one."""
     started = time.monotonic()
     probes: list[Probe] = []
     for layers, hidden in PROBE_SIZES:
         config = model_config(cfg, vocab_size, layers, hidden)
-        probes.append(probe_speed(cfg, config, batches, device))
+        probes.append(probe_speed(cfg, config, batches, device, workers))
         if not sees_enough(probes[-1], deadline - time.monotonic()):
             break  # the larger sizes are slower and have more parameters
     left = deadline - time.monotonic()
@@ -270,18 +297,21 @@ def size_for_budget(cfg: TrainConfig, vocab_size: int, batches: Batches, device:
 
 
 def settle_defaults(cfg: TrainConfig, vocab_size: int, batches: Batches, device: torch.device,
-                    deadline: float) -> TrainConfig:
-    """cfg with the size and precision filled in: as given, else measured here (docs/models.md)."""
+                    deadline: float, workers: int = 1) -> TrainConfig:
+    """cfg with the size and precision filled in: as given, else measured here (docs/models.md).
+
+    With several workers, rank 0 measures on its share of the streams and shares its choice.
+    """
     layers, hidden, embed = DEFAULT_SIZE
     left_out = cfg.layers is None and cfg.hidden is None and cfg.embed is None
     cfg = replace(cfg, layers=cfg.layers or layers, hidden=cfg.hidden or hidden, embed=cfg.embed or embed)
     if left_out and cfg.max_minutes:
         smallest = model_config(cfg, vocab_size, *PROBE_SIZES[0])
-        cfg = replace(cfg, precision=choose_precision(cfg, smallest, batches, device))
-        chosen = size_for_budget(cfg, vocab_size, batches, device, deadline)
+        cfg = replace(cfg, precision=choose_precision(cfg, smallest, batches, device, workers))
+        chosen = size_for_budget(cfg, vocab_size, batches, device, deadline, workers)
         return replace(cfg, layers=chosen.layers, hidden=chosen.hidden)
     config = model_config(cfg, vocab_size)
-    return replace(cfg, precision=choose_precision(cfg, config, batches, device))
+    return replace(cfg, precision=choose_precision(cfg, config, batches, device, workers))
 
 
 def bits(nats: float) -> float:
@@ -299,21 +329,99 @@ def check_writable(folder: Path, what: str) -> None:
                         "make it writable or choose another one") from None
 
 
-def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = False) -> TrainResult:
-    """Train until max_epochs, max_steps or max_minutes, keeping the best-by-validation checkpoint."""
-    started = time.monotonic()
-    resumed: ResumeState | None = load_resume(resume_from) if resume_from is not None else None
-    run_dir = cfg.run_path
-    if resumed is None and (run_dir / "resume.safetensors").exists() and not overwrite:
+def check_folders(cfg: TrainConfig, resumed: ResumeState | None, overwrite: bool) -> None:
+    """Refuse to write over another run, and fail before training if the results could not be saved."""
+    if resumed is None and (cfg.run_path / "resume.safetensors").exists() and not overwrite:
         raise DataError(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+            f"{cfg.run_path} already holds a run; continue it with --resume {cfg.run_path}, "
             "pick another --name, or pass --overwrite to start over"
         )
-    check_writable(run_dir, "run folder")
+    check_writable(cfg.run_path, "run folder")
     check_writable(cfg.store, "model store")
-    # torch's default counts every CPU of the host, also in a container limited to fewer
-    torch.set_num_threads(cfg.threads or available_cpus())
-    device = resolve_device(cfg.device)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    best_val: float = math.inf  # nats per character
+    best_step: int = 0
+    elapsed_before: float = 0.0  # seconds trained by the invocations before this one
+
+
+def restore(resumed: ResumeState, model: CharRNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+            world: World, device: torch.device) -> tuple[Progress, State | None]:
+    """Weights, optimizer and position from a resume file; this worker's streams' hidden state and random numbers."""
+    model.load_state_dict(resumed.model)
+    optimizer.load_state_dict(resumed.optimizer)
+    if resumed.world_size == world.size:  # the same workers on the same streams: exactly where it stopped
+        torch.set_rng_state(resumed.rng_cpu[world.rank])
+        if resumed.rng_cuda is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(resumed.rng_cuda[world.rank])
+    else:
+        torch.manual_seed(cfg.seed + resumed.step + world.rank)  # fresh dropout masks for the new split
+        print(f"resuming with {world.size} worker(s) where the run had {resumed.world_size}: the stream split "
+              f"changed ({cfg.batch_size // world.size} of the {cfg.batch_size} streams each) and the workers' "
+              "random numbers are seeded anew, so the run goes on, but not bit for bit as it would have")
+    start, stop = world.rows(cfg.batch_size)
+    hidden = tuple(h[:, start:stop].to(device) for h in resumed.hidden) if resumed.hidden else None
+    return Progress(resumed.step, resumed.best_val, resumed.best_step, resumed.elapsed_s), hidden
+
+
+class CtrlC:
+    """The first Ctrl-C (SIGINT) asks the loop to stop after the step it is in; a second one raises at once.
+
+    A flag rather than an exception in the middle of a step or of a collective: the state saved is that of whole
+    steps, and every worker (torchrun passes the signal on to each) stops at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.installed = False
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():  # only there can Python catch signals
+            self.previous = signal.signal(signal.SIGINT, self.press)
+            self.installed = True
+        return self
+
+    def press(self, signum: int, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *exc) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = False) -> TrainResult:
+    """Train until max_epochs, max_steps or max_minutes, keeping the best-by-validation checkpoint.
+
+    Started by torchrun, this process is one of several workers (training/distributed.py); rank 0 speaks for all.
+    """
+    world = World.from_env()
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if world.is_main else devnull):
+        try:
+            result = train_worker(cfg, world, resume_from, overwrite)
+        except Exception as e:
+            failure = world.failure(e)
+            if failure is None:
+                raise
+            raise failure from e
+    world.stop()
+    return result
+
+
+def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overwrite: bool) -> TrainResult:
+    started = time.monotonic()
+    resumed: ResumeState | None = load_resume(resume_from) if resume_from is not None else None
+    if cfg.batch_size % world.size:
+        raise DataError(f"--batch-size {cfg.batch_size} does not split into {world.size} equal shares of streams: "
+                        f"make it a multiple of the number of workers")
+    # torch's default counts every CPU of the host, also in a container limited to fewer; a machine's workers share
+    torch.set_num_threads(cfg.threads or max(1, available_cpus() // world.local_size))
+    device = resolve_device(cfg.device, world.local_rank)
+    world.start(device, cfg.dist_timeout)
 
     corpus = load_text(Path(cfg.data))
     vocab = Vocab.from_text(corpus.text)
@@ -324,33 +432,35 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
         )
     ids = encode_corpus(corpus.text, vocab)
     train_ids, val_ids = split(ids, cfg.val_frac)
-    batches = Batches(train_ids, cfg.batch_size, cfg.seq_len)
+    all_streams = Batches(train_ids, cfg.batch_size, cfg.seq_len)
+    batches = all_streams.rows(*world.rows(cfg.batch_size))  # this worker's streams
     if len(val_ids) < 2:
         raise DataError(f"{cfg.data}: too short to hold out a validation part (raise --val-frac or use more text)")
     val = val_batches(val_ids, cfg.batch_size, cfg.seq_len)
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf  # the probes count against it
-    cfg = settle_defaults(cfg, len(vocab), batches, device, deadline)
+
+    def prepare() -> tuple[TrainConfig, float]:
+        check_folders(cfg, resumed, overwrite)
+        return settle_defaults(cfg, len(vocab), batches, device, deadline, world.size), time.monotonic() - started
+
+    cfg, clock = world.on_main(prepare)  # clock: seconds since the start, by rank 0's clock (see World.agree)
 
     torch.manual_seed(cfg.seed)
     model = CharRNN(model_config(cfg, len(vocab))).to(device)
     optimizer = make_optimizer(cfg, model)
-    step, best_val, best_step, elapsed_before = 0, math.inf, 0, 0.0
-    hidden: State | None = None
-    if resumed is not None:
-        model.load_state_dict(resumed.model)
-        optimizer.load_state_dict(resumed.optimizer)
-        torch.set_rng_state(resumed.rng_cpu)
-        if resumed.rng_cuda is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(resumed.rng_cuda)
-        hidden = tuple(h.to(device) for h in resumed.hidden) if resumed.hidden else None
-        step, best_val, best_step, elapsed_before = resumed.step, resumed.best_val, resumed.best_step, resumed.elapsed_s
+    if world.rank > 0:
+        torch.manual_seed(cfg.seed + world.rank)  # the same initial weights, but dropout masks of its own
+    progress, hidden = restore(resumed, model, optimizer, cfg, world, device) if resumed else (Progress(), None)
+    trained = world.wrap(model)  # evaluation, sampling and saving use the model itself
 
+    run_dir = cfg.run_path
     steps_per_epoch = len(batches)
     total_steps = math.ceil(cfg.max_epochs * steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     checkpoint = model_path(cfg.store, cfg.name)
     log_path = run_dir / "log.jsonl"
+    chars_per_step = all_streams.chars_per_step  # all workers together
 
     print(
         f"{cfg.data}: {len(corpus.text):,} characters, vocabulary {len(vocab)}, "
@@ -359,7 +469,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     print(
         f"model: {cfg.cell} {cfg.layers}x{cfg.hidden}, {model.num_parameters():,} parameters; device {device}, "
         f"precision {cfg.precision}, {torch.get_num_threads()} threads"
-        + (f"; resuming at step {step}" if resumed else "")
+        + (f"; {world.size} workers of {batches.batch_size} streams each" if world.distributed else "")
+        + (f"; resuming at step {progress.step}" if resumed else "")
     )
 
     def facts() -> dict:
@@ -367,41 +478,47 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
             "data_file": Path(cfg.data).name,
             "data_sha256": corpus.sha256,
             "data_chars": len(corpus.text),
-            "steps": step,
-            "epoch": round(step / steps_per_epoch, 3),
-            "best_val_loss": best_val,
-            "best_val_bpc": bits(best_val),
-            "train_seconds": round(elapsed_before + time.monotonic() - started, 1),
+            "steps": progress.step,
+            "epoch": round(progress.step / steps_per_epoch, 3),
+            "best_val_loss": progress.best_val,
+            "best_val_bpc": bits(progress.best_val),
+            "train_seconds": round(progress.elapsed_before + time.monotonic() - started, 1),
             "train_config": asdict(cfg),
+            "workers": world.size,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch_version": torch.__version__,
         }
 
     def checkpoint_and_log() -> float:
-        nonlocal best_val, best_step
+        """Rank 0 evaluates and saves; every worker first hands it its streams' state and its random numbers."""
+        cuda = device.type == "cuda"
+        states = world.gather((tuple(h.cpu() for h in hidden), torch.get_rng_state(),
+                               torch.cuda.get_rng_state() if cuda else None))
+        if not world.is_main:
+            return math.nan
         val_loss = evaluate(model, val, device)
-        improved = val_loss < best_val
+        improved = val_loss < progress.best_val
         if improved:
-            best_val, best_step = val_loss, step
+            progress.best_val, progress.best_step = val_loss, progress.step
             save_model(checkpoint, model, vocab, facts(), dtype=cfg.save_dtype)
         save_resume(
             run_dir,
             ResumeState(
                 train_config=asdict(cfg),
                 vocab=vocab.chars,
-                step=step,
-                best_val=best_val,
-                best_step=best_step,
-                elapsed_s=elapsed_before + time.monotonic() - started,
+                step=progress.step,
+                best_val=progress.best_val,
+                best_step=progress.best_step,
+                elapsed_s=progress.elapsed_before + time.monotonic() - started,
                 model=model.state_dict(),
                 optimizer=optimizer.state_dict(),
-                rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                hidden=hidden,
+                rng_cpu=[rng for _, rng, _ in states],
+                rng_cuda=[rng for _, _, rng in states] if cuda else None,
+                hidden=tuple(torch.cat(rows, dim=1) for rows in zip(*(h for h, _, _ in states))),  # in rank order
             ),
         )
-        write_log({"type": "val", "step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss,
-                   "val_bpc": bits(val_loss), "best": improved})
+        write_log({"type": "val", "step": progress.step, "epoch": progress.step / steps_per_epoch,
+                   "val_loss": val_loss, "val_bpc": bits(val_loss), "best": improved})
         return val_loss
 
     def write_log(entry: dict) -> None:
@@ -412,67 +529,77 @@ def train(cfg: TrainConfig, resume_from: Path | None = None, overwrite: bool = F
     stopped_because = "max_epochs" if total_steps == math.ceil(cfg.max_epochs * steps_per_epoch) else "max_steps"
     loss_ema: float | None = None
     val_loss = math.nan
-    last_eval_step = step if resumed else -1
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1)
+    last_eval_step = progress.step if resumed else -1
+    bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True, smoothing=0.1,
+               disable=not world.is_main)
     window_start, window_chars = time.monotonic(), 0
     chars_per_s = 0.0
     # by the clock too: the first validation and save come early, so a short run always leaves a model
     next_eval = time.monotonic() + min(FIRST_EVAL_S, 0.1 * 60 * (cfg.max_minutes or math.inf))
     try:
-        while step < total_steps:
-            if time.monotonic() >= deadline and step > 0:  # one step at least, so there is a model
-                stopped_because = "max_minutes"
-                break
-            pos = step % steps_per_epoch
-            if pos == 0 or hidden is None:
-                hidden = model.init_state(cfg.batch_size)
-            progress = step / total_steps
-            if cfg.max_minutes:  # the cosine ends with the budget when the clock runs out first
-                progress = max(progress, (time.monotonic() - started) / (deadline - started))
-            lr = learning_rate(cfg, step / steps_per_epoch, step, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = batches.get(pos)
-            loss_value, hidden = train_step(model, optimizer, x.to(device), y.to(device), hidden, cfg)
-            step += 1
-
-            loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
-            window_chars += batches.chars_per_step
-            if step % 10 == 0:
+        with CtrlC() as ctrl_c:
+            while progress.step < total_steps:
+                step = progress.step
+                pos = step % steps_per_epoch
+                if pos == 0 or hidden is None:
+                    hidden = model.init_state(batches.batch_size)
+                fraction = step / total_steps
+                if cfg.max_minutes:  # the cosine ends with the budget when the clock runs out first
+                    fraction = max(fraction, clock / (60 * cfg.max_minutes))
+                lr = learning_rate(cfg, step / steps_per_epoch, step, fraction)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x, y = batches.get(pos)
+                loss_value, hidden = train_step(trained, optimizer, x.to(device), y.to(device), hidden, cfg)
+                step = progress.step = step + 1
                 now = time.monotonic()
-                chars_per_s = window_chars / max(now - window_start, 1e-9)
-                window_start, window_chars = now, 0
-                write_log({"type": "train", "step": step, "epoch": step / steps_per_epoch, "loss": loss_value,
-                           "lr": lr, "chars_per_s": round(chars_per_s)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{val_loss:.3f}", cps=f"{chars_per_s / 1000:.1f}k")
-            if step % cfg.eval_every == 0 or time.monotonic() >= next_eval:
-                val_loss = checkpoint_and_log()
-                interval = max(EVAL_INTERVAL_S, EVAL_BUDGET_SHARE * 60 * (cfg.max_minutes or 0))
-                last_eval_step, next_eval = step, time.monotonic() + interval
-                bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: val {val_loss:.4f} nats/char "
-                          f"({bits(val_loss):.3f} bits/char), best {best_val:.4f}")
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                # drawn by the inference engine from the current weights: no dropout, as the server would
-                engine = Engine(model)
-                text = "".join(engine.generate(vocab, "", cfg.sample_length, temperature=1.0, seed=cfg.seed))
-                write_log({"type": "sample", "step": step, "temperature": 1.0, "text": text})
-                bar.write(f"--- sample at step {step} ---\n{text}\n---")
-    except KeyboardInterrupt:
+                loss_value, interrupted, out_of_time, save, clock = world.agree(
+                    loss_value, ctrl_c.pressed, now >= deadline, step % cfg.eval_every == 0 or now >= next_eval,
+                    now - started)
+
+                loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
+                window_chars += chars_per_step
+                if step % 10 == 0 and world.is_main:
+                    chars_per_s = window_chars / max(now - window_start, 1e-9)
+                    window_start, window_chars = now, 0
+                    write_log({"type": "train", "step": step, "epoch": step / steps_per_epoch, "loss": loss_value,
+                               "lr": lr, "chars_per_s": round(chars_per_s)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{val_loss:.3f}", cps=f"{chars_per_s / 1000:.1f}k")
+                if interrupted or out_of_time:  # one step at least, so there is a model
+                    stopped_because = "interrupted" if interrupted else "max_minutes"
+                    break
+                if save:
+                    val_loss = checkpoint_and_log()
+                    interval = max(EVAL_INTERVAL_S, EVAL_BUDGET_SHARE * 60 * (cfg.max_minutes or 0))
+                    last_eval_step, next_eval = step, time.monotonic() + interval
+                    bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: val {val_loss:.4f} nats/char "
+                              f"({bits(val_loss):.3f} bits/char), best {progress.best_val:.4f}")
+                if cfg.sample_every and step % cfg.sample_every == 0 and world.is_main:
+                    # drawn by the inference engine from the current weights: no dropout, as the server would
+                    engine = Engine(model)
+                    text = "".join(engine.generate(vocab, "", cfg.sample_length, temperature=1.0, seed=cfg.seed))
+                    write_log({"type": "sample", "step": step, "temperature": 1.0, "text": text})
+                    bar.write(f"--- sample at step {step} ---\n{text}\n---")
+    except KeyboardInterrupt:  # a second Ctrl-C: one process stops where it is; workers cannot agree any more
+        if world.distributed:
+            raise
         stopped_because = "interrupted"
     finally:
         bar.close()
+    step = progress.step
     if step != last_eval_step and step > 0:
         val_loss = checkpoint_and_log()
     seconds = time.monotonic() - started
-    if not plot_losses(log_path, run_dir / "loss.png"):
+    if world.is_main and not plot_losses(log_path, run_dir / "loss.png"):
         print("no loss curve: matplotlib is not installed (pip install 'charrnn[train]')")
     print(
         f"stopped ({stopped_because}) at step {step}, epoch {step / steps_per_epoch:.2f}, after {seconds:.0f} s; "
-        f"best val loss {best_val:.4f} nats/char ({bits(best_val):.3f} bits/char) at step {best_step}"
+        f"best val loss {progress.best_val:.4f} nats/char ({bits(progress.best_val):.3f} bits/char) "
+        f"at step {progress.best_step}"
     )
     print(f"checkpoint: {checkpoint}\nrun folder: {run_dir} (resume with: charrnn train --resume {run_dir})")
-    return TrainResult(checkpoint, run_dir, step, best_val, best_step, seconds, stopped_because)
+    return TrainResult(checkpoint, run_dir, step, progress.best_val, progress.best_step, seconds, stopped_because)
 
 
 def config_from_resume(run_dir: Path, /, **overrides) -> TrainConfig:
