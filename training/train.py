@@ -598,7 +598,8 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
         f"best val loss {progress.best_val:.4f} nats/char ({bits(progress.best_val):.3f} bits/char) "
         f"at step {progress.best_step}"
     )
-    print(f"checkpoint: {checkpoint}\nrun folder: {run_dir} (resume with: charrnn train --resume {run_dir})")
+    command = "torchrun <the same options> -m charrnn train" if world.distributed else "charrnn train"
+    print(f"checkpoint: {checkpoint}\nrun folder: {run_dir} (resume with: {command} --resume {run_dir})")
     return TrainResult(checkpoint, run_dir, step, progress.best_val, progress.best_step, seconds, stopped_because)
 
 
