@@ -3,10 +3,12 @@
     .venv/bin/python experiments/regularisation.py run [--steps 1200] [--jobs 2]   # trains into runs/regularisation/
     .venv/bin/python experiments/regularisation.py table                           # the markdown table
 
-Every variant is the baseline plus one option (the last adds every option that helped), trained for the same
-number of steps from the same seed with one thread each, `--jobs` at a time: a fixed step budget makes the
-comparison independent of what else runs on the machine. The loss is the trainer's best held-out loss
-(stream protocol) over the run, in nats per character. docs/models.md shows the result.
+Every variant is the baseline plus one option (`--extra` adds others, such as every option that helped),
+trained for the same number of steps from the same seed with one thread each, `--jobs` at a time: a fixed step
+budget makes the comparison independent of what else runs on the machine. A variant already trained for fewer
+steps is resumed (exact) rather than retrained, except with the cosine schedule, whose shape is its length.
+The loss is the trainer's best held-out loss (stream protocol) over the run, in nats per character.
+docs/models.md shows the result.
 """
 
 from __future__ import annotations
@@ -38,32 +40,64 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
+def resumable(folder: Path, options: list[str]) -> bool:
+    """Whether the folder holds an earlier, shorter run of these options that `--resume` can take further.
+
+    Not for the cosine schedule, whose shape depends on the run's length.
+    """
+    results = [json.loads(p.read_text()) for p in folder.glob("result-*.json")]
+    return bool(results) and all(r["options"] == options for r in results) and "cosine" not in options
+
+
+def folder_of(name: str, options: list[str], steps: int) -> Path:
+    """The run folder: one per variant, or per variant and length for the cosine schedule."""
+    return OUT / (slug(name) + (f"-{steps}" if "cosine" in options else ""))
+
+
 def train(name: str, options: list[str], steps: int) -> dict:
-    folder = OUT / slug(name)
-    command = [str(Path(sys.executable).parent / "charrnn"), "train", "--data", str(DATA), "--name", slug(name),
-               "--run-dir", str(folder), "--model-store", str(OUT / "store"), "--overwrite",
-               "--max-steps", str(steps), *BASELINE, *options]
+    folder = folder_of(name, options, steps)
+    charrnn = str(Path(sys.executable).parent / "charrnn")
+    if resumable(folder, options):  # a shorter run of the same variant goes on (resume is exact)
+        command = [charrnn, "train", "--resume", str(folder), "--max-steps", str(steps)]
+    else:
+        command = [charrnn, "train", "--data", str(DATA), "--name", folder.name, "--run-dir", str(folder),
+                   "--model-store", str(OUT / "store"), "--overwrite", "--max-steps", str(steps), *BASELINE, *options]
     started = time.monotonic()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return summarise(name, options, steps, round(time.monotonic() - started))
+
+
+def summarise(name: str, options: list[str], steps: int, seconds: int | None = None) -> dict:
+    """The run's best and last held-out loss from its log, kept in result.json beside it."""
+    folder = folder_of(name, options, steps)
     vals = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    vals = [v for v in vals if v["type"] == "val"]
+    vals = [v for v in vals if v["type"] == "val" and v["step"] <= steps]
     best = min(vals, key=lambda v: v["val_loss"])
     result = {"name": name, "options": options, "steps": steps, "best_val": best["val_loss"],
-              "best_step": best["step"], "last_val": vals[-1]["val_loss"], "seconds": time.monotonic() - started}
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+              "best_step": best["step"], "last_val": vals[-1]["val_loss"],
+              "seconds_this_invocation": seconds}
+    (folder / f"result-{steps}.json").write_text(json.dumps(result, indent=1))
     print(f"{name}: best {result['best_val']:.4f} at step {result['best_step']}, last {result['last_val']:.4f}",
           flush=True)
     return result
 
 
 def table() -> str:
-    results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*/result.json"))]
-    base = next(r for r in results if r["name"] == "baseline")
-    order = list(VARIANTS) + sorted(r["name"] for r in results if r["name"] not in VARIANTS)
-    rows = ["| variant | options | best held-out loss (step) | vs baseline | last |", "|---|---|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: order.index(r["name"])):
-        rows.append(f"| {r['name']} | `{' '.join(r['options']) or '-'}` | {r['best_val']:.4f} ({r['best_step']}) "
-                    f"| {r['best_val'] - base['best_val']:+.4f} | {r['last_val']:.4f} |")
+    """One row per variant, one column per step budget: best held-out loss (its step), and the change."""
+    results = [json.loads(p.read_text()) for p in OUT.glob("*/result-*.json")]
+    budgets = sorted({r["steps"] for r in results})
+    found = {(r["name"], r["steps"]): r for r in results}
+    names = list(VARIANTS) + sorted({r["name"] for r in results} - set(VARIANTS))
+    rows = ["| variant | options | " + " | ".join(f"{b:,} steps: best (step), vs baseline" for b in budgets) + " |",
+            "|---|---|" + "---:|" * len(budgets)]
+    for name in (n for n in names if any((n, b) in found for b in budgets)):
+        cells = []
+        for b in budgets:
+            r, base = found.get((name, b)), found.get(("baseline", b))
+            cells.append("—" if r is None else f"{r['best_val']:.4f} ({r['best_step']}), "
+                         + ("—" if base is None else f"{r['best_val'] - base['best_val']:+.4f}"))
+        options = next(found[name, b]["options"] for b in budgets if (name, b) in found)
+        rows.append(f"| {name} | `{' '.join(options) or '-'}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
