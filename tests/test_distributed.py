@@ -212,7 +212,7 @@ def test_a_killed_worker_makes_the_others_stop_with_an_error(tmp_path, shakespea
             machine.kill()
     assert all(machine.returncode != 0 for machine in machines) and took < 60
     survivor = errors[1 - victim]
-    assert "error: worker 0 of 2 lost the others" in survivor and "Connection closed by peer" in survivor
+    assert "error: worker 0 of 2 lost the others" in survivor and "by peer" in survivor  # gloo: closed, or reset
     assert not any(alive(pid) for w in workers for pid in w.values())
 
 
