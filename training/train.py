@@ -46,7 +46,7 @@ from charrnn.model import CharRNN, ModelConfig, State, detach_state
 from charrnn.runtime import available_cpus
 from charrnn.engine import Engine, resolve_precision
 from charrnn.vocab import Vocab
-from training.data import Batches, DataError, encode_corpus, load_text, split, val_batches
+from training.data import Batches, Corpus, DataError, encode_corpus, load_text, split, val_batches
 from training.distributed import World
 from training.plot import plot_losses
 from training.resume import ResumeState, load_resume, save_resume
@@ -341,6 +341,32 @@ def check_folders(cfg: TrainConfig, resumed: ResumeState | None, overwrite: bool
 
 
 @dataclass
+class Data:
+    corpus: Corpus
+    vocab: Vocab
+    train_chars: int
+    val_chars: int
+    batches: Batches  # this worker's streams of the training part
+    val: Batches  # the held-out part's streams (rank 0 evaluates)
+
+
+def load_data(cfg: TrainConfig, world: World, resumed: ResumeState | None) -> Data:
+    """The text, its vocabulary (the resumed run's, or an error), this worker's training streams and the held-out."""
+    corpus = load_text(Path(cfg.data))
+    vocab = Vocab.from_text(corpus.text)
+    if resumed is not None and resumed.vocab != vocab.chars:
+        raise DataError(
+            f"{cfg.data}: its character vocabulary differs from the one the resumed run was trained with; "
+            "resume with the same data file"
+        )
+    train_ids, val_ids = split(encode_corpus(corpus.text, vocab), cfg.val_frac)
+    batches = Batches(train_ids, cfg.batch_size, cfg.seq_len).rows(*world.rows(cfg.batch_size))
+    if len(val_ids) < 2:
+        raise DataError(f"{cfg.data}: too short to hold out a validation part (raise --val-frac or use more text)")
+    return Data(corpus, vocab, len(train_ids), len(val_ids), batches, val_batches(val_ids, cfg.batch_size, cfg.seq_len))
+
+
+@dataclass
 class Progress:
     step: int = 0
     best_val: float = math.inf  # nats per character
@@ -423,20 +449,8 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
     device = resolve_device(cfg.device, world.local_rank)
     world.start(device, cfg.dist_timeout)
 
-    corpus = load_text(Path(cfg.data))
-    vocab = Vocab.from_text(corpus.text)
-    if resumed is not None and resumed.vocab != vocab.chars:
-        raise DataError(
-            f"{cfg.data}: its character vocabulary differs from the one the resumed run was trained with; "
-            "resume with the same data file"
-        )
-    ids = encode_corpus(corpus.text, vocab)
-    train_ids, val_ids = split(ids, cfg.val_frac)
-    all_streams = Batches(train_ids, cfg.batch_size, cfg.seq_len)
-    batches = all_streams.rows(*world.rows(cfg.batch_size))  # this worker's streams
-    if len(val_ids) < 2:
-        raise DataError(f"{cfg.data}: too short to hold out a validation part (raise --val-frac or use more text)")
-    val = val_batches(val_ids, cfg.batch_size, cfg.seq_len)
+    data = load_data(cfg, world, resumed)
+    corpus, vocab, batches, val = data.corpus, data.vocab, data.batches, data.val
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf  # the probes count against it
 
     def prepare() -> tuple[TrainConfig, float]:
@@ -460,11 +474,11 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
         total_steps = min(total_steps, cfg.max_steps)
     checkpoint = model_path(cfg.store, cfg.name)
     log_path = run_dir / "log.jsonl"
-    chars_per_step = all_streams.chars_per_step  # all workers together
+    chars_per_step = cfg.batch_size * cfg.seq_len  # all workers together
 
     print(
         f"{cfg.data}: {len(corpus.text):,} characters, vocabulary {len(vocab)}, "
-        f"train {len(train_ids):,} / val {len(val_ids):,}; {steps_per_epoch} steps per epoch"
+        f"train {data.train_chars:,} / val {data.val_chars:,}; {steps_per_epoch} steps per epoch"
     )
     print(
         f"model: {cfg.cell} {cfg.layers}x{cfg.hidden}, {model.num_parameters():,} parameters; device {device}, "
