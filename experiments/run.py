@@ -47,7 +47,10 @@ def train_command(corpus: str, data_dir: Path, gpu: bool, rerun: bool = False) -
     if rerun:
         argv += ["--model-store", str(RESULTS / "store")]
     for key, value in options.items():
-        argv += [f"--{key}", str(value)]
+        if isinstance(value, bool):  # a switch: --locked-dropout / --no-locked-dropout
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            argv += [f"--{key}", str(value)]
     return argv
 
 

@@ -40,6 +40,12 @@ def test_every_recipe_makes_a_train_command():
         argv = train_command(corpus, Path("corpora"), gpu=False)
         r = recipe(corpus)
         assert argv[argv.index("--data") + 1] == str(Path("corpora") / r["data"])
-        assert float(argv[argv.index("--max-minutes") + 1]) <= 20  # the CPU budget
+        assert float(argv[argv.index("--max-minutes") + 1]) <= 60  # the CPU budget
+        assert "True" not in argv and "False" not in argv  # switches are flags
         gpu = train_command(corpus, Path("corpora"), gpu=True)
         assert gpu[gpu.index("--name") + 1] == r["name"]
+
+
+def test_the_bundled_recipe_passes_its_switches_as_flags():
+    argv = train_command("shakespeare", Path("corpora"), gpu=False)
+    assert "--locked-dropout" in argv and argv[argv.index("--weight-drop") + 1] == "0.25"
