@@ -1,7 +1,7 @@
 """Screenshots of the browser page for the docs, taken in headless Chromium against the bundled model.
 
     .venv/bin/python tools/screenshots.py                      # docs/page-generate.png, docs/inspect-*.png
-    .venv/bin/python tools/screenshots.py --unit 0:cell:92@30000   # layer:kind:unit[@offset], repeatable
+    .venv/bin/python tools/screenshots.py --unit 1:cell:83@30000   # layer:kind:unit[@offset], repeatable
 
 Starts `charrnn serve` on a free 127.0.0.1 port with model_store/, drives the page like a user would
 (type a prime, Generate; paste a text, Inspect, pick a unit) and stops the server by its PID.
@@ -35,12 +35,12 @@ def held_out_text(chars: int, offset: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unit", action="append", default=None, help="layer:kind:unit[@offset in the held-out text] to show [0:cell:92]")
+    parser.add_argument("--unit", action="append", default=None, help="layer:kind:unit[@offset in the held-out text] to show [1:cell:83]")
     parser.add_argument("--chars", type=int, default=700, help="length of the inspected text")
     parser.add_argument("--offset", type=int, default=30_000, help="where in the held-out text it starts")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     args = parser.parse_args()
-    units = args.unit or ["0:cell:92"]
+    units = args.unit or ["1:cell:83"]
     serve = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
     with ServerProcess(serve, env={"CHARRNN_MODEL_STORE": str(REPO / "model_store")}) as server, \
             sync_playwright() as p:
