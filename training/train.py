@@ -49,7 +49,7 @@ from charrnn.vocab import Vocab
 from training.data import Batches, Corpus, DataError, encode_corpus, load_text, split, val_batches
 from training.distributed import World
 from training.plot import plot_losses
-from training.resume import ResumeState, load_resume, save_resume
+from training.resume import RESUME_FILE, ResumeState, load_resume, save_resume
 
 DEFAULT_SIZE = (2, 512, 64)  # layers, hidden, embed when no budget is given (char-rnn's big model)
 PROBE_SIZES = ((2, 128), (2, 256), (2, 384), (2, 512))  # (layers, hidden) the speed probe tries, small to large
@@ -331,7 +331,7 @@ def check_writable(folder: Path, what: str) -> None:
 
 def check_folders(cfg: TrainConfig, resumed: ResumeState | None, overwrite: bool) -> None:
     """Refuse to write over another run, and fail before training if the results could not be saved."""
-    if resumed is None and (cfg.run_path / "resume.safetensors").exists() and not overwrite:
+    if resumed is None and (cfg.run_path / RESUME_FILE).exists() and not overwrite:
         raise DataError(
             f"{cfg.run_path} already holds a run; continue it with --resume {cfg.run_path}, "
             "pick another --name, or pass --overwrite to start over"
@@ -550,6 +550,7 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
     chars_per_s = 0.0
     # by the clock too: the first validation and save come early, so a short run always leaves a model
     next_eval = time.monotonic() + min(FIRST_EVAL_S, 0.1 * 60 * (cfg.max_minutes or math.inf))
+    eval_interval = max(EVAL_INTERVAL_S, EVAL_BUDGET_SHARE * 60 * (cfg.max_minutes or 0))
     try:
         with CtrlC() as ctrl_c:
             while progress.step < total_steps:
@@ -585,8 +586,7 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
                     break
                 if save:
                     val_loss = checkpoint_and_log()
-                    interval = max(EVAL_INTERVAL_S, EVAL_BUDGET_SHARE * 60 * (cfg.max_minutes or 0))
-                    last_eval_step, next_eval = step, time.monotonic() + interval
+                    last_eval_step, next_eval = step, time.monotonic() + eval_interval
                     bar.write(f"step {step} epoch {step / steps_per_epoch:.2f}: val {val_loss:.4f} nats/char "
                               f"({bits(val_loss):.3f} bits/char), best {progress.best_val:.4f}")
                 if cfg.sample_every and step % cfg.sample_every == 0 and world.is_main:
