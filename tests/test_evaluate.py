@@ -1,5 +1,6 @@
 """Held-out loss three ways (training/evaluate.py): each protocol against a hand computation or the trainer."""
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from charrnn.checkpoint import load_model, read_metadata
+from charrnn.model import CharRNN
 from training.data import load_text, split
 from training.evaluate import dynamic_evaluation, dynamic_loss, stream_loss, window_starts, windows_loss
 
@@ -69,6 +71,23 @@ def test_dynamic_loss_at_lr_0_is_the_static_loss_of_one_stream(tiny):
     static = dynamic_loss(model, ids, lr=0.0, segment=16)
     assert static.chars == 640
     assert static.nats == pytest.approx(stream_loss(model, ids, batch_size=1, seq_len=16).nats, abs=1e-6)
+
+
+@pytest.mark.parametrize("regularisers", [{"weight_drop": 0.5}, {"embed_drop": 0.5},
+                                          {"dropout": 0.5, "locked_dropout": True}])
+def test_dynamic_evaluation_of_a_regularised_model_drops_nothing(tiny, regularisers):
+    # weight drop, embedding and locked dropout act in training mode, which the learner copy is in
+    _, model, _, val = tiny
+    config = dataclasses.replace(model.config, **regularisers)
+    regularised = CharRNN(config)
+    regularised.load_state_dict(model.state_dict())
+    regularised.eval()
+    ids = val[: 16 * 40 + 1]
+    static = stream_loss(regularised, ids, batch_size=1, seq_len=16).nats
+    assert static == pytest.approx(stream_loss(model, ids, batch_size=1, seq_len=16).nats, abs=1e-6)
+    assert dynamic_loss(regularised, ids, lr=0.0, segment=16).nats == pytest.approx(static, abs=1e-6)
+    assert dynamic_loss(regularised, ids, lr=0.1, segment=16).nats == pytest.approx(
+        dynamic_loss(model, ids, lr=0.1, segment=16).nats, abs=1e-5)
 
 
 def test_dynamic_evaluation_learns_repeated_text_and_changes_no_weights(tiny):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -116,10 +116,13 @@ def windows_loss(model: CharRNN, val_ids: Tensor, window: int = WINDOW, batches:
 def _learner(model: CharRNN) -> CharRNN:
     """A fp32 copy of `model` without dropout that can take gradient steps; `model` itself is never changed.
 
-    It stays in training mode with every dropout set to 0, which computes what eval mode computes: cuDNN
-    runs an LSTM's backward pass only in training mode.
+    It stays in training mode with every dropout and regulariser off (the config's too: weight drop, locked
+    and embedding dropout act in training mode), which computes what eval mode computes: cuDNN runs an
+    LSTM's backward pass only in training mode.
     """
     learner = copy.deepcopy(model).float()
+    learner.config = replace(learner.config, dropout=0.0, weight_drop=0.0, embed_drop=0.0,
+                             locked_dropout=False)
     learner.rnn.dropout = 0.0
     learner.drop.p = 0.0
     learner.requires_grad_(True)
