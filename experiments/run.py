@@ -3,6 +3,7 @@
     .venv/bin/python experiments/run.py train linux --data-dir DIR    # charrnn train with the recipe
     .venv/bin/python experiments/run.py measure linux --data-dir DIR  # samples and checks -> runs/experiments/
     .venv/bin/python experiments/run.py doc                            # docs/experiments.md from those results
+    .venv/bin/python experiments/run.py doc linux                      # only linux's row and section redone
 
 `DIR` holds the corpora (the file names are in the recipes; see docs/experiments.md for where they come
 from). `train --gpu` applies the recipe's [gpu] table on top of [train]. Each run writes its checkpoint to
@@ -297,10 +298,9 @@ def render(results: dict[str, dict]) -> str:
                 f"- On a GPU: `train --gpu` uses {', '.join(f'{k} {v}' for k, v in recipe(corpus).get('gpu', {}).items())} "
                 f"({gpu_runs(corpus)}).", ""]
         if corpus == "shakespeare" and not run:
-            out += ["This is the bundled model, trained before this page was written and not retrained for it. "
-                    "Its run (docs/models.md) used the same settings, without `--sample-every` and with a "
-                    f"45-minute budget, and was stopped by hand; its best checkpoint came after {r['train_seconds_at_best'] / 60:.1f} minutes of "
-                    "training, which is why the recipe's budget is 20 minutes.", ""]
+            out += ["This is the bundled model. It was trained once with the recipe's settings (`charrnn train` "
+                    "with the flags above, without `--sample-every`, so there are no samples during training "
+                    "here); its run, loss curve and what it costs the server are in docs/models.md.", ""]
         if "rerun" in r:
             rr = r["rerun"]
             out += [f"The recipe was run again on {rr['date']} (`experiments/run.py train {corpus} --rerun`, the "
@@ -360,6 +360,32 @@ def render(results: dict[str, dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def sections(page: str) -> tuple[list[str], dict[str, list[str]]]:
+    """A page's lines before the first corpus section, and each corpus's section (its `## corpus` heading on)."""
+    head: list[str] = []
+    parts: dict[str, list[str]] = {}
+    current = head
+    for line in page.splitlines():
+        if line.startswith("## ") and line[3:].strip() in ORDER:
+            current = parts.setdefault(line[3:].strip(), [])
+        current.append(line)
+    return head, parts
+
+
+def splice(old: str, new: str, corpus: str) -> str:
+    """`new` (rendered from one corpus's results) with every other corpus's row and section taken from `old`,
+    so that one model can be measured again without the other five's results on this machine."""
+    old_head, old_parts = sections(old)
+    new_head, new_parts = sections(new)
+    old_rows = {c: line for line in old_head for c in ORDER if line.startswith(f"| {c} | ") and "not measured" not in line}
+    head = []
+    for line in new_head:
+        other = next((c for c in ORDER if c != corpus and line.startswith(f"| {c} | ")), None)
+        head.append(old_rows.get(other, line) if other and "not measured" in line else line)
+    body = [line for c in ORDER for line in (new_parts if c == corpus else old_parts).get(c, [])]
+    return "\n".join(head + body) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["train", "measure", "doc"])
@@ -386,9 +412,15 @@ def main() -> None:
                          indent=1, ensure_ascii=False)[:3000])
     else:
         results = {c: json.loads((RESULTS / f"{c}.json").read_text()) for c in ORDER
-                   if (RESULTS / f"{c}.json").exists()}
-        (REPO / "docs" / "experiments.md").write_text(render(results), encoding="utf-8")
-        print(f"wrote docs/experiments.md ({len(results)} corpora)")
+                   if (RESULTS / f"{c}.json").exists() and args.corpus in (None, c)}
+        page = REPO / "docs" / "experiments.md"
+        if args.corpus is None:
+            page.write_text(render(results), encoding="utf-8")
+        elif args.corpus not in results:
+            sys.exit(f"no results for {args.corpus}: run `measure {args.corpus}` first")
+        else:
+            page.write_text(splice(page.read_text(encoding="utf-8"), render(results), args.corpus), encoding="utf-8")
+        print(f"wrote docs/experiments.md ({', '.join(results)})")
 
 
 if __name__ == "__main__":

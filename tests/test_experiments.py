@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-from run import ORDER, bracket_check, environment_check, recipe, train_command, unigram_entropy  # noqa: E402
+from run import ORDER, bracket_check, environment_check, recipe, splice, train_command, unigram_entropy  # noqa: E402
 
 
 def test_unigram_entropy():
@@ -49,3 +49,19 @@ def test_every_recipe_makes_a_train_command():
 def test_the_bundled_recipe_passes_its_switches_as_flags():
     argv = train_command("shakespeare", Path("corpora"), gpu=False)
     assert "--locked-dropout" in argv and argv[argv.index("--weight-drop") + 1] == "0.25"
+
+
+def test_doc_for_one_corpus_keeps_the_other_rows_and_sections():
+    old = "\n".join(["# page", "| corpus | loss |", "| shakespeare | 1.467 |", "| linux | 1.251 |", "",
+                     "## Held-out loss, three ways", "old protocol text", "",
+                     "## shakespeare", "old shakespeare", "### Samples during training", "old samples",
+                     "## linux", "linux section", "### Temperature", "kept"]) + "\n"
+    new = "\n".join(["# page", "| corpus | loss |", "| shakespeare | 1.433 |", "| linux | not measured | |", "",
+                     "## Held-out loss, three ways", "new protocol text", "",
+                     "## shakespeare", "new shakespeare"]) + "\n"
+    merged = splice(old, new, "shakespeare")
+    assert "| shakespeare | 1.433 |" in merged and "| linux | 1.251 |" in merged
+    assert "not measured" not in merged and "1.467" not in merged
+    assert "new protocol text" in merged and "old protocol text" not in merged
+    assert "new shakespeare" in merged and "old shakespeare" not in merged and "old samples" not in merged
+    assert merged.index("new shakespeare") < merged.index("## linux") < merged.index("kept")
