@@ -28,7 +28,9 @@ SIZES = {(2, 256): 60, (2, 512): 40}  # (layers, hidden): steps, about 15-35 s a
 
 def measure(workers: int, layers: int, hidden: int, steps: int, folder: Path) -> tuple[float, float]:
     """(chars/s, training loss at the last logged step) of one run."""
-    launch = ([sys.executable, "-m", "cli"] if workers == 1 else
+    # Both through `-m charrnn`, the `charrnn` command, which re-executes itself under the allocator settings
+    # (charrnn/runtime.py): worth up to 1.65x for nn.LSTM, so one side without them would not be comparable.
+    launch = ([sys.executable, "-m", "charrnn"] if workers == 1 else
               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(workers),
                "-m", "charrnn"])
     run = folder / f"{workers}-{layers}x{hidden}"
