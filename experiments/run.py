@@ -300,7 +300,9 @@ def render(results: dict[str, dict]) -> str:
         if corpus == "shakespeare" and not run:
             out += ["This is the bundled model. It was trained once with the recipe's settings (`charrnn train` "
                     "with the flags above, without `--sample-every`, so there are no samples during training "
-                    "here); its run, loss curve and what it costs the server are in docs/models.md.", ""]
+                    "here: wikipedia's below show how a model's text evolves, and the previous 2 x 512 model's "
+                    "are in this page's git history, up to commit 1454cd0); its run, loss curve and what it "
+                    "costs the server are in docs/models.md.", ""]
         if "rerun" in r:
             rr = r["rerun"]
             out += [f"The recipe was run again on {rr['date']} (`experiments/run.py train {corpus} --rerun`, the "
@@ -377,11 +379,15 @@ def splice(old: str, new: str, corpus: str) -> str:
     so that one model can be measured again without the other five's results on this machine."""
     old_head, old_parts = sections(old)
     new_head, new_parts = sections(new)
-    old_rows = {c: line for line in old_head for c in ORDER if line.startswith(f"| {c} | ") and "not measured" not in line}
+    old_rows: dict[str, str] = {}  # each corpus's first row: the summary table's (the protocols table follows)
+    for line in old_head:
+        for c in ORDER:
+            if line.startswith(f"| {c} | "):
+                old_rows.setdefault(c, line)
     head = []
     for line in new_head:
         other = next((c for c in ORDER if c != corpus and line.startswith(f"| {c} | ")), None)
-        head.append(old_rows.get(other, line) if other and "not measured" in line else line)
+        head.append(old_rows.get(other, line) if other and line.startswith(f"| {other} | not measured |") else line)
     body = [line for c in ORDER for line in (new_parts if c == corpus else old_parts).get(c, [])]
     return "\n".join(head + body) + "\n"
 

@@ -53,15 +53,17 @@ def test_the_bundled_recipe_passes_its_switches_as_flags():
 
 def test_doc_for_one_corpus_keeps_the_other_rows_and_sections():
     old = "\n".join(["# page", "| corpus | loss |", "| shakespeare | 1.467 |", "| linux | 1.251 |", "",
-                     "## Held-out loss, three ways", "old protocol text", "",
+                     "## Held-out loss, three ways", "old protocol text", "| linux | 1.305 windows |", "",
                      "## shakespeare", "old shakespeare", "### Samples during training", "old samples",
                      "## linux", "linux section", "### Temperature", "kept"]) + "\n"
     new = "\n".join(["# page", "| corpus | loss |", "| shakespeare | 1.433 |", "| linux | not measured | |", "",
-                     "## Held-out loss, three ways", "new protocol text", "",
+                     "## Held-out loss, three ways", "new protocol text", "| linux | 1.306 windows |", "",
                      "## shakespeare", "new shakespeare"]) + "\n"
     merged = splice(old, new, "shakespeare")
     assert "| shakespeare | 1.433 |" in merged and "| linux | 1.251 |" in merged
     assert "not measured" not in merged and "1.467" not in merged
+    # the summary row is the old one, the protocols row the new one
+    assert merged.count("| linux | 1.251 |") == 1 and "| linux | 1.306 windows |" in merged
     assert "new protocol text" in merged and "old protocol text" not in merged
     assert "new shakespeare" in merged and "old shakespeare" not in merged and "old samples" not in merged
     assert merged.index("new shakespeare") < merged.index("## linux") < merged.index("kept")
