@@ -39,6 +39,7 @@ def test_every_recipe_makes_a_train_command():
     for corpus in ORDER:
         argv = train_command(corpus, Path("corpora"), gpu=False)
         r = recipe(corpus)
+        assert argv[1:4] == ["-m", "charrnn", "train"]  # the command that sets the allocator variables
         assert argv[argv.index("--data") + 1] == str(Path("corpora") / r["data"])
         assert float(argv[argv.index("--max-minutes") + 1]) <= 60  # the CPU budget
         assert "True" not in argv and "False" not in argv  # switches are flags
