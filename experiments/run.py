@@ -31,6 +31,7 @@ ORDER = ["shakespeare", "paulgraham", "wikipedia", "latex", "linux", "babynames"
 SAMPLE_CHARS = 600
 SEED = 1
 TEMPERATURE_PRIME = "JULIET:\nO Romeo, Romeo"  # Shakespeare: one prime at four temperatures
+SAMPLED_WITH_DROPOUT = {"wikipedia"}  # runs whose logged samples predate the engine (57836a5): dropout was on
 
 
 def recipe(corpus: str) -> dict:
@@ -300,11 +301,13 @@ def render(results: dict[str, dict]) -> str:
                 f"- On a GPU: `train --gpu` uses {', '.join(f'{k} {v}' for k, v in recipe(corpus).get('gpu', {}).items())} "
                 f"({gpu_runs(corpus)}).", ""]
         if corpus == "shakespeare" and not run:
+            samples = ("the rerun below logged them" if "rerun" in r else
+                       "so there are no samples during training here: wikipedia's below show how a model's text "
+                       "evolves, and the previous 2 x 512 model's are in this page's git history, up to commit "
+                       "1454cd0")
             out += ["This is the bundled model. It was trained once with the recipe's settings (`charrnn train` "
-                    "with the flags above, without `--sample-every`, so there are no samples during training "
-                    "here: wikipedia's below show how a model's text evolves, and the previous 2 x 512 model's "
-                    "are in this page's git history, up to commit 1454cd0); its run, loss curve and what it "
-                    "costs the server are in docs/models.md.", ""]
+                    f"with the flags above, without `--sample-every`; {samples}); its run, loss curve and what "
+                    "it costs the server are in docs/models.md.", ""]
         if "rerun" in r:
             rr = r["rerun"]
             out += [f"The recipe was run again on {rr['date']} (`experiments/run.py train {corpus} --rerun`, the "
@@ -348,9 +351,11 @@ def render(results: dict[str, dict]) -> str:
                     f"The trainer's `--sample-every {r['recipe'].get('sample-every')}` option logged a sample "
                     "(temperature 1, no prime) every that many steps to `runs/"
                     f"{run_name}/log.jsonl`; here those at steps {', '.join(map(str, shown))} (its best checkpoint "
-                    f"is at step {last_step:,}). The trainer of that run drew them with dropout still on (fixed "
-                    "since: the inference engine draws them, without dropout), so they are noisier than the model "
-                    "was at each step.", ""]
+                    f"is at step {last_step:,}). "
+                    + ("The trainer of that run drew them with dropout still on (fixed since: the inference engine "
+                       "draws them, without dropout), so they are noisier than the model was at each step."
+                       if corpus in SAMPLED_WITH_DROPOUT else
+                       "The trainer draws them with the server's inference engine, without dropout."), ""]
             for s in shown:
                 out += [f"**step {s}**", ""] + fence(steps[s]) + [""]
         if "temperatures" in r:
