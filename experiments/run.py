@@ -301,7 +301,7 @@ def render(results: dict[str, dict]) -> str:
                 f"- On a GPU: `train --gpu` uses {', '.join(f'{k} {v}' for k, v in recipe(corpus).get('gpu', {}).items())} "
                 f"({gpu_runs(corpus)}).", ""]
         if corpus == "shakespeare" and not run:
-            samples = ("the rerun below logged them" if "rerun" in r else
+            samples = ("the rerun below logged samples during training" if "rerun" in r else
                        "so there are no samples during training here: wikipedia's below show how a model's text "
                        "evolves, and the previous 2 x 512 model's are in this page's git history, up to commit "
                        "1454cd0")
