@@ -36,8 +36,9 @@ def correlations(feature: np.ndarray, acts: np.ndarray) -> np.ndarray:
     return (f @ a) / (np.sqrt((f**2).sum()) * np.sqrt((a**2).sum(axis=0)) + 1e-12)
 
 
-def search(engine: Engine, index: dict[str, int], chunks: list[str], names: list[str], top: int) -> None:
-    feats = {name: np.concatenate([text_features(chunk)[name] for chunk in chunks]) for name in names}
+def search(engine: Engine, index: dict[str, int], chunks: list[str], feats: dict[str, np.ndarray],
+           names: list[str], top: int) -> None:
+    feats = {name: feats[name] for name in names}
     found: dict[str, list[tuple[float, str]]] = {name: [] for name in names}
     kinds = KINDS if engine.config.cell == "lstm" else ("hidden",)
     for layer in range(engine.config.layers):
@@ -67,9 +68,9 @@ def main() -> None:
     text = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     val = text[int(len(text) * 0.9):]
     chunks = [val[i:i + args.chunk] for i in range(0, len(val) - args.chunk + 1, args.chunk)]
-    if args.search:
-        search(engine, vocab.index, chunks, args.search, args.top)
     feats = {name: np.concatenate([text_features(chunk)[name] for chunk in chunks]) for name in FEATURES}
+    if args.search:
+        search(engine, vocab.index, chunks, feats, args.search, args.top)
     layers: dict[tuple[int, str], np.ndarray] = {}  # units of one layer and kind share one read
     for spec in args.units:
         layer, kind, unit = spec.split(":")
