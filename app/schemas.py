@@ -158,6 +158,8 @@ class ModelInfo(BaseModel):
     trained_steps: int | None
     created: str | None = Field(description="When the checkpoint was written (UTC, ISO 8601).")
     sha256: str = Field(description="Hash of the checkpoint file: sessions are bound to it.")
+    start: str = Field(description="Where the model's new texts start: which start state it holds (zero, newline, "
+                                   "two-newlines, mean-line-start, learned or tuned; docs/models.md).")
 
 
 class ModelList(BaseModel):
@@ -193,7 +195,7 @@ class Health(BaseModel):
 class InspectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)  # as GenerateRequest
 
-    text: str = Field(min_length=1, description="Text the model reads from the zero state.",
+    text: str = Field(min_length=1, description="Text the model reads from its start state.",
                       json_schema_extra=limited_by(maxLength="max_inspect_chars"))
     model: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="Model name; default: the server's.")
     layer: Annotated[int, Field(ge=0), WHOLE_FLOATS] | None = Field(

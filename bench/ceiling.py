@@ -40,7 +40,7 @@ def model_step_rate(checkpoint: Path, batch: int, seconds: float = 2.0, threads:
         torch.set_num_threads(threads)
     model, vocab, _ = load_model(checkpoint)
     stepper = Engine(model)  # what the server decodes with
-    state = stepper.init_state(batch)
+    state = stepper.start_state(batch)
     ids = torch.full((batch,), vocab.index.get("\n", 0))
     gens = [random.Random(i) for i in range(batch)]
     temps, ks, ps = [1.0] * batch, [None] * batch, [None] * batch

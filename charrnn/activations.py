@@ -27,7 +27,7 @@ class Trace:
 
 
 def trace(engine: Engine, ids: list[int], layer: int, kind: str = "cell", top_k: int = 5) -> Trace:
-    """Read `ids` from the zero state; return `layer`'s activations and the top-k predictions per character.
+    """Read `ids` from the model's start; return `layer`'s activations and the top-k predictions per character.
 
     The numbers are the served model's own: the engine that generates text computes them.
     """

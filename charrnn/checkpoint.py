@@ -1,10 +1,12 @@
 """The checkpoint format: one self-contained safetensors file per model.
 
 Layout of `<name>.safetensors`:
-- tensors: the model's state dict (fp32, or fp16/bf16 when saved smaller);
+- tensors: the model's state dict (fp32, or fp16/bf16 when saved smaller), with its start state `start.0`
+  (h) and `start.1` (c, LSTM);
 - metadata header (strings): `format_version`, `config` (JSON of ModelConfig), `vocab` (JSON list of the
-  characters) and `training` (JSON of training facts: data file and sha256, steps, epoch, best val loss,
-  train config, created time).
+  characters), `training` (JSON of training facts: data file and sha256, steps, epoch, best val loss,
+  train config, created time) and `start` (JSON: which start the state is and what it measured,
+  training/start.py). A file written before starts existed has neither: it loads with the zero start.
 
 Nothing is pickled. `read_metadata` parses the header with the standard library only, so a checkpoint can be
 inspected without torch. Writes go through `atomic_write`, so a reader never sees half a file.
@@ -17,7 +19,7 @@ import os
 import re
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ SUFFIX = ".safetensors"
 # Model names become file names: letters, digits, '.', '_', '-'; no path separators, no leading dot.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_HEADER_BYTES = 100_000_000  # a header larger than this is not one of ours
+# What a checkpoint without a chosen start starts from: zeros, as every model did before starts were chosen
+ZERO_START = {"kind": "zero", "chosen": False}
 
 
 class CheckpointError(Exception):
@@ -124,6 +128,7 @@ class CheckpointInfo:
     vocab: list[str]
     training: dict[str, Any]
     format_version: str
+    start: dict[str, Any] = field(default_factory=lambda: dict(ZERO_START))
 
 
 def read_metadata(path: Path) -> CheckpointInfo:
@@ -138,31 +143,37 @@ def read_metadata(path: Path) -> CheckpointInfo:
             vocab=json.loads(meta["vocab"]),
             training=json.loads(meta.get("training", "{}")),
             format_version=version,
+            start=json.loads(meta["start"]) if "start" in meta else dict(ZERO_START),
         )
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: metadata incomplete or malformed ({e})") from None
     if not (isinstance(info.config, dict) and isinstance(info.training, dict) and isinstance(info.vocab, list)
-            and all(isinstance(c, str) for c in info.vocab)):
-        raise CheckpointError(f"{path}: metadata malformed (config and training must be objects, vocab a list of "
-                              "strings)")
+            and all(isinstance(c, str) for c in info.vocab) and isinstance(info.start, dict)):
+        raise CheckpointError(f"{path}: metadata malformed (config, training and start must be objects, vocab a "
+                              "list of strings)")
     return info
 
 
 # --- torch-dependent parts below; imported lazily so the functions above work without torch. ---
 
 
-def save_model(path: Path, model, vocab, training: dict[str, Any], dtype: str = "fp32") -> None:
-    """Write model weights + config + vocabulary + training facts as one safetensors file, atomically."""
+def save_model(path: Path, model, vocab, training: dict[str, Any], dtype: str = "fp32",
+               start: dict[str, Any] | None = None) -> None:
+    """Write model weights (with the start state) + config + vocabulary + training facts + what the start is, as one
+    safetensors file, atomically."""
     import torch
     from safetensors.torch import save
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    # the start stays fp32 whatever the weights' dtype: it is tiny, and its measured loss is then the stored one's
+    tensors = {k: v.detach().to("cpu", torch.float32 if k.startswith("start.") else torch_dtype).contiguous()
+               for k, v in model.state_dict().items()}
     metadata = {
         "format_version": FORMAT_VERSION,
         "config": json.dumps(model.config.to_dict()),
         "vocab": json.dumps(vocab.chars, ensure_ascii=False),
         "training": json.dumps({**training, "weights_dtype": dtype}, ensure_ascii=False),
+        "start": json.dumps(start or ZERO_START),
     }
     atomic_write(Path(path), save(tensors, metadata=metadata))
 

@@ -49,7 +49,8 @@ def resolve_precision(precision: str) -> str:
 
 
 def start_ids(vocab: Vocab, ids: Sequence[int]) -> list[int]:
-    """The ids that warm a fresh state: the prime's, or a newline when the prime is empty (char-rnn's rule)."""
+    """The ids a new text reads from the model's start: the prime's, or a newline when the prime is empty
+    (char-rnn's rule)."""
     return list(ids) if len(ids) else [vocab.index.get("\n", 0)]
 
 
@@ -129,6 +130,9 @@ class Engine:
 
     States are tuples of fp32 tensors (layers, batch, hidden): (h, c) for an LSTM, (h,) otherwise, the
     same layout as `CharRNN.forward`, so training, checkpoints and sessions share it.
+
+    Every new text is read from the model's start (`start`, chosen by training/start.py): wherever a state
+    may be None below, None means the start. This is the one place that rule lives.
     """
 
     def __init__(self, model: CharRNN, precision: str = "auto"):
@@ -159,6 +163,7 @@ class Engine:
                     inp = Linear(w_ih, in_bias, dtype)
                 self.layers.append(Layer(inp, Linear(w_hh, rec_bias, dtype)))
             self.head = Linear(model.head.weight.float(), model.head.bias.float(), dtype)
+            self.start: State = tuple(s.detach().to("cpu", torch.float32).clone() for s in model.start_state(1))
 
     # --- states ---
 
@@ -166,9 +171,9 @@ class Engine:
     def state_size(self) -> int:
         return 2 if self.config.cell == "lstm" else 1
 
-    def init_state(self, batch: int) -> State:
-        shape = (self.config.layers, batch, self.config.hidden)
-        return tuple(torch.zeros(shape) for _ in range(self.state_size))
+    def start_state(self, batch: int = 1) -> State:
+        """The model's start for `batch` new texts: new tensors, so a caller may keep or change them."""
+        return tuple(s.repeat(1, batch, 1) for s in self.start)
 
     def _cell(self, layer: int, gi: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """One time step of one layer for the rows of gi (their input projections)."""
@@ -198,7 +203,7 @@ class Engine:
     @torch.inference_mode()
     def read(self, prompts: Sequence[Sequence[int]], states: Sequence[State | None],
              keep_layer: int | None = None) -> tuple[list[State], list[tuple[Tensor, ...]]]:
-        """Read each prompt from its state (None: zeros); returns each one's state after it.
+        """Read each prompt from its state (None: the model's start); returns each one's state after it.
 
         Prompts of different lengths are read together, a layer at a time over all characters. A prompt's
         result equals stepping it one character at a time, and does not depend on the other prompts or on
@@ -208,8 +213,7 @@ class Engine:
         L = self.config.layers
         lstm = self.config.cell == "lstm"
         n = len(prompts)
-        zeros = self.init_state(1)
-        starts = [s if s is not None else zeros for s in states]
+        starts = [s if s is not None else self.start_state(1) for s in states]
         if not any(prompts):
             if keep_layer is not None:
                 raise ValueError("there is nothing to trace: every prompt is empty")
@@ -268,7 +272,7 @@ class Engine:
 
     @torch.inference_mode()
     def trace(self, ids: Sequence[int], layer: int) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Read `ids` from the zero state: `layer`'s h (T, H) and c (LSTM; else None) after every character,
+        """Read `ids` from the model's start: `layer`'s h (T, H) and c (LSTM; else None) after every character,
         and the logits (T, V) for the character after each."""
         _, (kept,) = self.read([ids], [None], keep_layer=layer)
         h, c = kept[0], kept[1] if len(kept) == 3 else None
@@ -276,7 +280,7 @@ class Engine:
 
     @torch.inference_mode()
     def score(self, ids: Sequence[int], state: State | None = None) -> tuple[Tensor, State]:
-        """Read `ids` from `state` (None: zeros): the model's log-probabilities (T, V) after each id, and the
+        """Read `ids` from `state` (None: the model's start): the model's log-probabilities (T, V) after each id, and the
         state after them all.
 
         Row t is `log_softmax` of the logits `step` gives after ids[t], bit for bit: the model's distribution of
@@ -286,7 +290,7 @@ class Engine:
         picks each row's chosen and top-k log-probabilities.
         """
         if not len(ids):
-            return torch.empty(0, self.config.vocab_size), state if state is not None else self.init_state(1)
+            return torch.empty(0, self.config.vocab_size), state if state is not None else self.start_state(1)
         (final,), (kept,) = self.read([ids], [state], keep_layer=self.config.layers - 1)
         return torch.log_softmax(self.head(kept[-1]), dim=-1), final  # kept[-1]: the last layer's h per id
 
@@ -302,7 +306,7 @@ class Engine:
     def generate(self, vocab: Vocab, prime: str = "", length: int = 200, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  skip_unknown: bool = False) -> Iterator[str]:
-        """Yield `length` characters continuing `prime` (an empty prime starts from a newline).
+        """Yield `length` characters continuing `prime`, read from the model's start (an empty prime: a newline).
 
         Draws like the server: one `random.Random(seed)` per generation, so the same seed gives the same
         text here and from the service.

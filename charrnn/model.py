@@ -4,6 +4,10 @@ This module imports only torch. The trainer trains it (`nn.LSTM`, fast over whol
 that runs a trained model reads its weights through `charrnn.engine.Engine`. The recurrent state is passed
 in and returned (like the post's `rnn.step(x)`), never kept inside the module, so one model serves many
 sessions.
+
+A model also holds its *start* (`start_state`): the state every new text is read from. training/start.py
+chooses it by measurement when a run ends (or the trainer learns it, `--learn-start`); it is zero until then,
+and in checkpoints written before starts existed.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class CharRNN(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, config.vocab_size)
+        # The start: h (and c) of shape (layers, 1, hidden). Trained only under `--learn-start`.
+        self.start = nn.ParameterList(nn.Parameter(torch.zeros(config.layers, 1, config.hidden), requires_grad=False)
+                                      for _ in range(self.state_size))
+        self.register_load_state_dict_pre_hook(_zero_start_if_missing)
 
     @property
     def state_size(self) -> int:
@@ -79,6 +87,19 @@ class CharRNN(nn.Module):
         weight = self.head.weight
         shape = (self.config.layers, batch, self.config.hidden)
         return tuple(torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(self.state_size))
+
+    def start_state(self, batch: int) -> State:
+        """The state a new text is read from, for `batch` sequences (differentiable when the start is learned)."""
+        return tuple(s.repeat(1, batch, 1) for s in self.start)
+
+    @torch.no_grad()
+    def set_start(self, state: State) -> None:
+        """Make `state` (tensors of shape (layers, 1, hidden)) the start."""
+        if len(state) != self.state_size or any(s.shape != p.shape for s, p in zip(state, self.start)):
+            raise ValueError(f"a start of this model is {self.state_size} tensor(s) of shape "
+                             f"{tuple(self.start[0].shape)}")
+        for p, s in zip(self.start, state):
+            p.copy_(s)
 
     def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """ids (B, T) of character indices -> logits (B, T, V) and the state after the last character."""
@@ -132,7 +153,14 @@ class CharRNN(nn.Module):
         return x, tuple(torch.cat(parts) for parts in zip(*finals))
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """The weights' size (the start state is not counted)."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("start."))
+
+
+def _zero_start_if_missing(module: CharRNN, state_dict: dict, prefix: str, *_) -> None:
+    """Checkpoints and resume files written before starts existed load with the zero start they had."""
+    for i, p in enumerate(module.start):
+        state_dict.setdefault(f"{prefix}start.{i}", torch.zeros_like(p))
 
 
 def detach_state(state: State) -> State:

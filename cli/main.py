@@ -1,5 +1,5 @@
-"""The `charrnn` command: `train`, `sample`, `evaluate`, `info` and `serve`, on top of the core, the trainer and the
-service.
+"""The `charrnn` command: `train`, `sample`, `evaluate`, `choose-start`, `info` and `serve`, on top of the core, the
+trainer and the service.
 
     charrnn train --data input.txt --name mytext
     charrnn sample mytext --prime "ROMEO:" --temperature 0.8 --length 500 --seed 1
@@ -53,6 +53,8 @@ def train(
     hidden: Annotated[Optional[int], typer.Option(min=1, help="Units per layer [default: 512, or sized to --max-minutes].")] = None,
     embed: Annotated[Optional[int], typer.Option(min=1, help="Character embedding size [default: 64].")] = None,
     dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Between layers and before the output layer [default: 0.2].")] = None,
+    learn_start: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Train the start state with the model: each stream is reset to it with this chance per batch [default: 0, off].")] = None,
+    choose_start: Annotated[Optional[bool], typer.Option("--choose-start/--no-choose-start", help="When the run ends, measure the candidate start states and store the best in the checkpoint [default: on].")] = None,
     locked_dropout: Annotated[Optional[bool], typer.Option("--locked-dropout/--no-locked-dropout", help="One --dropout mask per sequence for all its steps (variational).")] = None,
     weight_drop: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="DropConnect on the hidden-to-hidden weights [default: 0].")] = None,
     embed_drop: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Drop whole characters' embeddings [default: 0].")] = None,
@@ -106,7 +108,8 @@ def train(
                 _fail("--data is required (or --resume RUN_DIR)")
             cfg = TrainConfig(name=name or data.stem, **given(
                 data=data, model_store=model_store, run_dir=run_dir, cell=cell, layers=layers, hidden=hidden,
-                embed=embed, dropout=dropout, locked_dropout=locked_dropout, weight_drop=weight_drop,
+                embed=embed, dropout=dropout, learn_start=learn_start, choose_start=choose_start,
+                locked_dropout=locked_dropout, weight_drop=weight_drop,
                 embed_drop=embed_drop, weight_decay=weight_decay, optim=optim, lr=lr, schedule=schedule,
                 lr_decay=lr_decay, decay_after=decay_after, warmup_steps=warmup_steps,
                 grad_clip=grad_clip, seq_len=seq_len, batch_size=batch_size, eval_every=eval_every,
@@ -178,8 +181,10 @@ def _dynamic_report(dyn, held_out_chars: int) -> dict:
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model name in the store, or a path to a .safetensors file.")],
     data: Annotated[Path, typer.Option(help="UTF-8 text; the loss is measured on its held-out part.")],
-    protocol: Annotated[str, typer.Option(help="stream: the trainer's (contiguous streams, state carried); "
-                                                "windows: nanoGPT's (random windows from the zero state).")] = "stream",
+    protocol: Annotated[str, typer.Option(help="stream: the trainer's (contiguous streams from the model's start, "
+                                                "state carried); windows: nanoGPT's (random windows from the zero "
+                                                "state); start: the first 32 characters of held-out lines, read from "
+                                                "the model's start and from zeros.")] = "stream",
     dynamic: Annotated[bool, typer.Option(help="Also dynamic evaluation (SGD while reading), beside the static "
                                                 "loss of the same half of the held-out text.")] = False,
     dynamic_lr: Annotated[Optional[float], typer.Option(min=0.0, help="SGD learning rate for --dynamic "
@@ -212,10 +217,11 @@ def evaluate(
     from charrnn.vocab import UnknownCharactersError
     from training.data import DataError, load_text, split, val_batches
     from training.evaluate import WINDOW_BATCH_SIZE, dynamic_evaluation, stream_loss, windows_loss
+    from training.start import PASSAGE_CHARS, passages, start_loss
     from training.train import resolve_device
 
-    if protocol not in ("stream", "windows"):
-        _fail(f"--protocol must be stream or windows, not {protocol!r}")
+    if protocol not in ("stream", "windows", "start"):
+        _fail(f"--protocol must be stream, windows or start, not {protocol!r}")
     if protocol == "windows" and windows % (batch_size or WINDOW_BATCH_SIZE):
         _fail(f"--windows ({windows}) must be a multiple of --batch-size ({batch_size or WINDOW_BATCH_SIZE}): "
               "windows are drawn --batch-size at a time")
@@ -238,7 +244,16 @@ def evaluate(
             batch_size, seq_len = batch_size or trained.get("batch_size", 64), seq_len or trained.get("seq_len", 128)
             loss = stream_loss(net, val, batch_size, seq_len)
             streams = val_batches(val, batch_size, seq_len)
-            shape = {"streams": streams.batch_size, "seq_len": streams.seq_len}
+            shape = {"streams": streams.batch_size, "seq_len": streams.seq_len, "start": info.start["kind"]}
+        elif protocol == "start":
+            texts = passages(val, vocab)
+            loss = start_loss(net, texts, net.start_state(1))
+            zero = start_loss(net, texts, net.init_state(1))
+            at = [p for p in (0, 1, 2, 3, 4, 8, 16) if p < PASSAGE_CHARS] + [PASSAGE_CHARS - 1]
+            shape = {"start": info.start["kind"], "passages": loss.passages, "predicted_chars": PASSAGE_CHARS,
+                     "loss_at_position": {str(p): round(loss.by_position[p], 4) for p in at},
+                     "zero_start_loss": round(zero.nats, 5),
+                     "zero_start_loss_at_position": {str(p): round(zero.by_position[p], 4) for p in at}}
         else:
             batch_size = batch_size or WINDOW_BATCH_SIZE
             loss = windows_loss(net, val, window, windows // batch_size, batch_size, seed)
@@ -262,20 +277,59 @@ def evaluate(
     print(json.dumps(result, indent=2))
 
 
+@app.command("choose-start")
+def choose_start(
+    model: Annotated[str, typer.Argument(help="Model name in the store, or a path to a .safetensors file.")],
+    data: Annotated[Path, typer.Option(help="The UTF-8 text the model was trained on.")],
+    val_frac: Annotated[Optional[float], typer.Option(help="Last fraction of the text held out (default: the "
+                                                      "model's own, as trained, else 0.1).")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when there is one), cpu or cuda.")] = "auto",
+    model_store: Annotated[Optional[Path], typer.Option(help="Checkpoint folder.")] = None,
+) -> None:
+    """Choose where the model's new texts start: measure the candidate start states and store the best in the
+    checkpoint (its weights unchanged). The trainer does this when a run ends; this does it for any checkpoint.
+
+    Candidates and metric: training/start.py (docs/models.md, "Where a text starts").
+    """
+    import torch
+
+    from charrnn.checkpoint import CheckpointError, read_metadata
+    from charrnn.runtime import available_cpus
+    from charrnn.vocab import UnknownCharactersError, Vocab
+    from training.data import DataError, load_text, split
+    from training.start import choose_for_checkpoint
+    from training.train import resolve_device
+
+    torch.set_num_threads(available_cpus())
+    path = _resolve_checkpoint(model, model_store)
+    try:
+        meta = read_metadata(path)
+        dev = resolve_device(device)
+        val_frac = meta.training.get("train_config", {}).get("val_frac", 0.1) if val_frac is None else val_frac
+        ids = torch.from_numpy(Vocab(meta.vocab).encode(load_text(data).text))
+        train_ids, val_ids = split(ids, val_frac)
+        start = choose_for_checkpoint(path, train_ids, val_ids, dev, log=lambda line: print(line, file=sys.stderr))
+    except UnknownCharactersError as e:
+        _fail(f"the text has {e}")
+    except (CheckpointError, DataError) as e:
+        _fail(str(e))
+    print(json.dumps(start, indent=2))
+
+
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Model name in the store, or a path to a .safetensors file.")],
     model_store: Annotated[Optional[Path], typer.Option(help="Checkpoint folder.")] = None,
 ) -> None:
-    """Print a checkpoint's config, vocabulary and training facts (reads the header only)."""
+    """Print a checkpoint's config, vocabulary, training facts and start (reads the header only)."""
     from charrnn.checkpoint import CheckpointError, read_metadata
 
     try:
         meta = read_metadata(_resolve_checkpoint(model, model_store))
     except CheckpointError as e:
         _fail(str(e))
-    print(json.dumps({"config": meta.config, "vocab": "".join(meta.vocab), "training": meta.training},
-                     indent=2, ensure_ascii=False))
+    print(json.dumps({"config": meta.config, "vocab": "".join(meta.vocab), "training": meta.training,
+                      "start": meta.start}, indent=2, ensure_ascii=False))
 
 
 @app.command()

@@ -58,3 +58,15 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def bundled_server(tmp_path_factory):
+    """`charrnn serve` with default settings serving only the bundled model, one per test module."""
+    from server import Server
+
+    store = tmp_path_factory.mktemp("bundled")
+    (store / "shakespeare.safetensors").symlink_to(REPO / "model_store" / "shakespeare.safetensors")
+    srv = Server(store, env={"CHARRNN_MODEL_STORE": str(store)}, test_defaults=False).start()
+    yield srv
+    srv.stop()

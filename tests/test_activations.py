@@ -17,7 +17,7 @@ def test_trace_equals_stepping_one_character_at_a_time(cell):
     model = CharRNN(ModelConfig(vocab_size=11, cell=cell, layers=3, hidden=24, embed=8)).eval()
     ids = torch.randint(0, 11, (40,)).tolist()
     engine = Engine(model, "fp32")
-    state = engine.init_state(1)
+    state = engine.start_state(1)
     hs, cs, probs = [], [], []
     for i in ids:
         logits, state = engine.step(torch.tensor([i]), state)

@@ -159,7 +159,7 @@ def test_a_prime_reads_the_same_alone_together_and_in_pieces(bundled, prompts, c
         for a, b, c in zip(state, alone[0], sliced):
             assert torch.equal(a, b) and torch.equal(a, c)
     # and reading equals stepping: the last prompt, one character at a time
-    state = starts[-1] if starts[-1] is not None else engine.init_state(1)
+    state = starts[-1] if starts[-1] is not None else engine.start_state(1)
     for i in prompts[-1]:
         _, state = engine.step(torch.tensor([i]), state)
     assert all(torch.equal(a, b) for a, b in zip(state, together[-1]))
@@ -183,18 +183,6 @@ QUEEN = {"prime": "QUEEN:", "temperature": 0.9, "max_chars": 300, "seed": 1234}
 
 def crowd(i: int, **overrides) -> dict:
     return {"prime": "A" * (i % 5 + 1), "temperature": 1.0, "max_chars": 300, "seed": i, **overrides}
-
-
-@pytest.fixture(scope="module")
-def bundled_server(tmp_path_factory):
-    """`charrnn serve` with default settings serving only the bundled model."""
-    from server import Server
-
-    store = tmp_path_factory.mktemp("bundled")
-    (store / "shakespeare.safetensors").symlink_to(REPO / "model_store" / "shakespeare.safetensors")
-    srv = Server(store, env={"CHARRNN_MODEL_STORE": str(store)}, test_defaults=False).start()
-    yield srv
-    srv.stop()
 
 
 async def stream_text(client, body: dict) -> str:

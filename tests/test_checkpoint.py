@@ -54,7 +54,7 @@ def test_file_is_plain_safetensors_with_no_pickle(tmp_path):
     ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
     assert 8 + n + max(ends) == len(raw)
     assert {t["dtype"] for k, t in header.items() if k != "__metadata__"} == {"F32"}
-    assert set(header["__metadata__"]) == {"format_version", "config", "vocab", "training"}
+    assert set(header["__metadata__"]) == {"format_version", "config", "vocab", "training", "start"}
 
 
 def test_metadata_is_readable_without_torch(tmp_path):
@@ -76,7 +76,9 @@ def test_half_precision_weights_load_as_float32(tmp_path):
     model = make_model(len(vocab))
     path = tmp_path / "m.safetensors"
     save_model(path, model, vocab, {}, dtype="fp16")
-    assert {t["dtype"] for k, t in read_header(path).items() if k != "__metadata__"} == {"F16"}
+    dtypes = {k: t["dtype"] for k, t in read_header(path).items() if k != "__metadata__"}
+    assert {d for k, d in dtypes.items() if not k.startswith("start.")} == {"F16"}
+    assert {d for k, d in dtypes.items() if k.startswith("start.")} == {"F32"}  # the start stays as measured
     loaded, _, info = load_model(path)
     assert loaded.head.weight.dtype == torch.float32
     assert info.training["weights_dtype"] == "fp16"

@@ -25,7 +25,8 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     data = tmp / "abc.txt"
     data.write_text("abcabcabd\n" * 300)
-    result = train(tiny_config(tmp, data, name="abc", max_steps=40, eval_every=20, lr=1e-2))
+    # the start left as trained (zero), so `evaluate` reproduces the recorded loss; choose-start is tested below
+    result = train(tiny_config(tmp, data, name="abc", max_steps=40, eval_every=20, lr=1e-2, choose_start=False))
     return result.checkpoint
 
 
@@ -122,3 +123,24 @@ def test_evaluate_measures_the_stored_checkpoint(trained, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("xyz" * 100)
     assert_plain_error(charrnn("evaluate", str(trained), "--data", str(other)), "'x' (U+0078)")
+
+
+def test_choose_start_stores_the_best_and_evaluate_and_info_report_it(trained, tmp_path):
+    from charrnn.checkpoint import read_metadata
+
+    data = trained.parent.parent / "abc.txt"
+    path = tmp_path / "abc.safetensors"
+    path.write_bytes(trained.read_bytes())
+    before = json.loads(charrnn("evaluate", str(path), "--data", str(data), "--protocol", "start").stdout)
+    assert before["start"] == "zero" and before["val_loss"] == before["zero_start_loss"]
+    proc = charrnn("choose-start", str(path), "--data", str(data))
+    assert proc.returncode == 0, proc.stderr
+    start = json.loads(proc.stdout)
+    assert "start tuned" in proc.stderr and start == read_metadata(path).start
+    assert start["loss"] == min(start["candidates"].values()) and start["loss"] < start["candidates"]["zero"]
+    after = json.loads(charrnn("evaluate", str(path), "--data", str(data), "--protocol", "start").stdout)
+    assert after["start"] == start["kind"] and after["val_loss"] == pytest.approx(start["loss"], abs=1e-5)
+    assert after["zero_start_loss"] == pytest.approx(start["candidates"]["zero"], abs=1e-5)
+    assert after["scored_chars"] == after["passages"] * 32
+    assert json.loads(charrnn("info", str(path)).stdout)["start"] == start
+    assert_plain_error(charrnn("choose-start", str(path), "--data", str(tmp_path / "none.txt")), "no such file")

@@ -50,7 +50,7 @@ def test_reading_a_prompt_equals_stepping_it_bit_for_bit(cell, precision):
     starts = [None, random_state(model, 1), random_state(model, 1), random_state(model, 1)]
     read, _ = engine.read(prompts, starts)
     for prompt, start, got in zip(prompts, starts, read):
-        state = start if start is not None else engine.init_state(1)
+        state = start if start is not None else engine.start_state(1)
         for i in prompt:
             _, state = engine.step(torch.tensor([i]), state)
         assert all(torch.equal(a, b) for a, b in zip(state, got))
@@ -69,7 +69,7 @@ def test_building_an_engine_leaves_the_model_as_it_was(cell):
 def test_training_mode_does_not_reach_inference():
     model = model_of("lstm").train()  # dropout 0.3, as during training
     engine = Engine(model, "fp32")
-    state = engine.init_state(1)
+    state = engine.start_state(1)
     a, _ = engine.step(torch.tensor([3]), state)
     b, _ = engine.step(torch.tensor([3]), state)
     assert torch.equal(a, b) and model.training  # no dropout, and the model's mode is left alone
@@ -84,7 +84,7 @@ def test_trace_returns_every_character_of_a_layer():
     ids = [1, 5, 2, 7, 7, 0]
     h, c, logits = engine.trace(ids, layer=0)
     assert h.shape == c.shape == (6, 16) and logits.shape == (6, 11)
-    state = engine.init_state(1)
+    state = engine.start_state(1)
     for t, i in enumerate(ids):
         step_logits, state = engine.step(torch.tensor([i]), state)
         assert torch.equal(state[0][0, 0], h[t]) and torch.equal(state[1][0, 0], c[t])
@@ -133,7 +133,7 @@ def test_score_equals_the_log_softmax_of_stepping_one_by_one(cell, precision):
     for start in (None, random_state(model, 1)):
         rows, final = engine.score(ids, start)
         assert rows.shape == (len(ids), 11)
-        state = start if start is not None else engine.init_state(1)
+        state = start if start is not None else engine.start_state(1)
         for t, i in enumerate(ids):
             logits, state = engine.step(torch.tensor([i]), state)
             assert torch.equal(rows[t], torch.log_softmax(logits.float(), -1)[0]), f"position {t}"

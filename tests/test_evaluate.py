@@ -18,11 +18,19 @@ from test_cli import assert_plain_error, charrnn
 
 
 @pytest.fixture(scope="module")
-def tiny(model_store):
-    """The session's tiny LSTM (2x32, dropout 0.1, saved in fp32) and the held-out ids of its text."""
-    path = model_store / "tiny.safetensors"
+def tiny(tmp_path_factory):
+    """A tiny LSTM (2x32, dropout 0.1, saved in fp32) whose start is left as trained (zero), so its measures are
+    the trainer's, and the held-out ids of its text."""
+    from training.train import train
+
+    from conftest import SHAKESPEARE, tiny_config
+
+    root = tmp_path_factory.mktemp("evaluate")
+    data = root / "slice.txt"
+    data.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    path = train(tiny_config(root, data, max_steps=40, eval_every=40, lr=1e-2, choose_start=False)).checkpoint
     model, vocab, info = load_model(path)
-    text = load_text(model_store.parent / info.training["data_file"]).text
+    text = load_text(data).text
     _, val = split(torch.from_numpy(vocab.encode(text)), info.training["train_config"]["val_frac"])
     return path, model, vocab, val
 
@@ -110,9 +118,9 @@ def test_dynamic_evaluation_learns_repeated_text_and_changes_no_weights(tiny):
     assert given.tuning == {} and given.dynamic.nats == pytest.approx(result.dynamic.nats, abs=1e-6)
 
 
-def test_cli_windows_and_dynamic_read_the_checkpoint_and_never_write_it(tiny, model_store):
+def test_cli_windows_and_dynamic_read_the_checkpoint_and_never_write_it(tiny):
     path, model, _, val = tiny
-    data = model_store.parent / "slice.txt"
+    data = path.parent.parent / "slice.txt"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     mtime = path.stat().st_mtime_ns
     proc = charrnn("evaluate", str(path), "--data", str(data), "--protocol", "windows", "--windows", "12",
@@ -137,10 +145,11 @@ def test_cli_windows_and_dynamic_read_the_checkpoint_and_never_write_it(tiny, mo
     assert stream["val_loss"] == pytest.approx(stream["recorded_val_loss"], abs=1e-5)
 
 
-def test_cli_evaluate_refuses_what_it_cannot_measure(tiny, model_store):
+def test_cli_evaluate_refuses_what_it_cannot_measure(tiny):
     path, *_ = tiny
-    data = str(model_store.parent / "slice.txt")
-    assert_plain_error(charrnn("evaluate", str(path), "--data", data, "--protocol", "nanogpt"), "stream or windows")
+    data = str(path.parent.parent / "slice.txt")
+    assert_plain_error(charrnn("evaluate", str(path), "--data", data, "--protocol", "nanogpt"),
+                       "stream, windows or start")
     assert_plain_error(charrnn("evaluate", str(path), "--data", data, "--protocol", "windows", "--windows", "10",
                                "--batch-size", "4"), "multiple of --batch-size")
     assert_plain_error(charrnn("evaluate", str(path), "--data", data, "--protocol", "windows", "--window", "5000"),
@@ -153,7 +162,35 @@ def test_cli_measures_by_default_as_the_model_was_trained(tmp_path, shakespeare_
 
     from conftest import tiny_config
 
-    result = train(tiny_config(tmp_path, shakespeare_slice, val_frac=0.25, batch_size=4, seq_len=8, max_steps=5))
+    result = train(tiny_config(tmp_path, shakespeare_slice, val_frac=0.25, batch_size=4, seq_len=8, max_steps=5,
+                               choose_start=False))  # the start as trained, so the recorded loss is reproduced
     out = json.loads(charrnn("evaluate", str(result.checkpoint), "--data", str(shakespeare_slice)).stdout)
     assert (out["val_frac"], out["val_chars"], out["streams"], out["seq_len"]) == (0.25, 5000, 4, 8)
     assert out["val_loss"] == pytest.approx(result.best_val, abs=1e-5)
+
+
+def test_the_stream_protocol_reads_each_stream_from_the_models_start(tiny, tmp_path):
+    from training.start import choose_for_checkpoint
+
+    path, model, vocab, val = tiny
+    chosen = tmp_path / "chosen.safetensors"
+    chosen.write_bytes(path.read_bytes())
+    text = load_text(path.parent.parent / "slice.txt").text
+    choose_for_checkpoint(chosen, *split(torch.from_numpy(vocab.encode(text)), 0.1))
+    started, _, _ = load_model(chosen)
+    cfg = read_metadata(path).training["train_config"]
+    from training.data import val_batches
+
+    batches = val_batches(val, cfg["batch_size"], cfg["seq_len"])  # by hand: every stream from the start
+    state, total, count = started.start_state(batches.batch_size), 0.0, 0
+    for step in range(len(batches)):
+        x, y = batches.get(step)
+        with torch.no_grad():
+            logits, state = started(x, state)
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    loss = stream_loss(started, val, cfg["batch_size"], cfg["seq_len"]).nats
+    assert loss == pytest.approx(total / count, abs=1e-6)
+    assert loss != pytest.approx(stream_loss(model, val, cfg["batch_size"], cfg["seq_len"]).nats, abs=1e-4)
+    out = json.loads(charrnn("evaluate", str(chosen), "--data", str(path.parent.parent / "slice.txt")).stdout)
+    assert out["start"] == read_metadata(chosen).start["kind"] and out["val_loss"] == pytest.approx(loss, abs=1e-5)

@@ -116,7 +116,7 @@ def test_a_regularised_run_trains_serves_and_records_its_options(tmp_path, shake
     with torch.no_grad():
         expected = model(ids)[0][0, -1]
     engine = Engine(model, precision="fp32")
-    state = engine.init_state(1)
+    state = engine.start_state(1)
     for i in ids[0]:
         logits, state = engine.step(torch.tensor([int(i)]), state)
     torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ that follow a property best.
     .venv/bin/python tools/neuron_stats.py --search "position in line" --search "line ends with ':'"
 
 Reads the last 10% of tiny-shakespeare (the validation split) in chunks of 2,000 characters, each from the
-zero state, as POST /inspect does.
+model's start state, as POST /inspect does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ FEATURES = list(text_features(""))
 
 
 def read(engine: Engine, index: dict[str, int], chunks: list[str], layer: int, kind: str) -> np.ndarray:
-    """(characters, units): one layer's activations over all chunks, each read from the zero state."""
+    """(characters, units): one layer's activations over all chunks, each read from the model's start."""
     return np.concatenate([trace(engine, [index[c] for c in chunk], layer, kind).activations for chunk in chunks])
 
 

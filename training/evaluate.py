@@ -4,7 +4,8 @@ Run it through the CLI: `charrnn evaluate shakespeare --data data/tinyshakespear
 [--dynamic]` (see `charrnn evaluate --help`). Each function takes the held-out ids (training.data.split) and
 says exactly what it measures:
 
-- `stream_loss`: the trainer's validation: the text as up to 64 contiguous streams, hidden state carried.
+- `stream_loss`: the trainer's validation: the text as up to 64 contiguous streams from the model's start,
+  hidden state carried.
 - `windows_loss`: nanoGPT's `estimate_loss`: random 256-character windows, each read from the zero state.
 - `dynamic_evaluation`: Krause et al. (2018) with plain SGD: one stream that keeps learning as it reads, its
   learning rate chosen on the first half of the text and reported on the second, beside the static loss there.
@@ -69,7 +70,7 @@ def stream_loss(model: CharRNN, val_ids: Tensor, batch_size: int = 64, seq_len: 
     """The trainer's validation loss (training.train.evaluate on training.data.val_batches).
 
     `val_ids` is cut into up to `batch_size` equal contiguous streams, read `seq_len` characters at a time;
-    each stream starts from the zero state and carries its state to the end. The mean of -log p over every
+    each stream starts from the model's start state and carries its state to the end. The mean of -log p over every
     predicted character; the tail that does not fill a whole chunk of every stream is not scored.
     """
     batches = val_batches(val_ids, batch_size, seq_len)
@@ -126,13 +127,14 @@ def _learner(model: CharRNN) -> CharRNN:
     learner.rnn.dropout = 0.0
     learner.drop.p = 0.0
     learner.requires_grad_(True)
+    learner.start.requires_grad_(False)  # the weights learn; where the stream starts stays the model's
     return learner.train()
 
 
 def dynamic_loss(model: CharRNN, ids: Tensor, lr: float, segment: int = SEGMENT) -> Loss:
     """Dynamic evaluation with plain SGD over one stream: the mean of -log p over ids[1:].
 
-    The stream starts from the zero state and carries its state throughout. Segment by segment (`segment`
+    The stream starts from the model's start state and carries its state throughout. Segment by segment (`segment`
     characters, the last one shorter): score it with the weights as they are (adding its loss), then take
     one SGD step, w -= lr * grad, on all parameters for that segment's mean loss, the gradient truncated at
     the segment's start as in truncated BPTT; go on to the next segment. It works on a copy of `model`
@@ -144,7 +146,7 @@ def dynamic_loss(model: CharRNN, ids: Tensor, lr: float, segment: int = SEGMENT)
     learner = _learner(model)
     optimizer = torch.optim.SGD(learner.parameters(), lr=lr)
     ids = ids.to(_device(learner)).long()[None, :]  # (1, N): a single stream
-    state = learner.init_state(1)
+    state = learner.start_state(1)
     total = torch.zeros((), dtype=torch.float64, device=ids.device)
     for t0 in range(0, ids.shape[1] - 1, segment):
         x, y = ids[:, t0 : t0 + segment], ids[:, t0 + 1 : t0 + segment + 1]
@@ -169,7 +171,7 @@ def dynamic_evaluation(model: CharRNN, val_ids: Tensor, lr: float | None = None,
 
     The first half, val_ids[: n // 2], picks the learning rate of `grid` with the lowest `dynamic_loss` (unless
     `lr` is given). On the second half, val_ids[n // 2 :], both figures read the same single stream from the
-    zero state and the checkpoint's weights: `static` with fixed weights, `dynamic` with an SGD step per
+    model's start and the checkpoint's weights: `static` with fixed weights, `dynamic` with an SGD step per
     segment. Neither half's result depends on the other's weights.
     """
     half = len(val_ids) // 2

@@ -16,6 +16,12 @@ Defaults that fit the machine (docs/models.md): `precision auto` times a few ste
 where the CPU has bf16 units and keeps the faster; with `--max-minutes` and no size flag a speed probe picks
 the model size the budget can train; validation and saves also come by the clock, so a short run leaves a model.
 
+Where a new text starts (training/start.py): when a run ends, the best checkpoint's start state is chosen by
+measurement among the candidates (zeros, a newline, the mean line-start state, a state fitted to the model,
+and with `learn_start` the one trained with the model) and stored in it. `learn_start` P makes the start a
+parameter: the first batch of every epoch starts from it, and at every later batch each stream is reset to it
+with probability P (so a start is in distribution), its carried state otherwise.
+
 Several workers (`torchrun --nproc-per-node N -m charrnn train ...`, training/distributed.py): each trains on
 its share of every batch's streams and carries only their hidden state; rank 0 decides the measured defaults,
 evaluates, logs and saves, and all stop at the same step.
@@ -41,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from charrnn.checkpoint import default_model_store, model_path, save_model, validate_model_name
+from charrnn.checkpoint import default_model_store, model_path, read_metadata, save_model, validate_model_name
 from charrnn.model import CharRNN, ModelConfig, State, detach_state
 from charrnn.runtime import available_cpus
 from charrnn.engine import Engine, resolve_precision
@@ -50,6 +56,7 @@ from training.data import Batches, Corpus, DataError, encode_corpus, load_text, 
 from training.distributed import World
 from training.plot import plot_losses
 from training.resume import RESUME_FILE, ResumeState, load_resume, save_resume
+from training.start import PASSAGE_CHARS, choose_for_checkpoint
 
 DEFAULT_SIZE = (2, 512, 64)  # layers, hidden, embed when no budget is given (char-rnn's big model)
 PROBE_SIZES = ((2, 128), (2, 256), (2, 384), (2, 512))  # (layers, hidden) the speed probe tries, small to large
@@ -74,6 +81,8 @@ class TrainConfig:
     hidden: int | None = None
     embed: int | None = None
     dropout: float = 0.2
+    learn_start: float = 0.0  # > 0: the start state is trained, each stream reset to it with this chance per batch
+    choose_start: bool = True  # when the run ends, measure the candidate starts and store the best in the checkpoint
     locked_dropout: bool = False  # one dropout mask per sequence (variational) instead of per element
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
     embed_drop: float = 0.0  # drop whole characters' embeddings
@@ -115,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"--save-dtype must be fp32, fp16 or bf16, not {self.save_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if not 0.0 <= self.learn_start < 1.0:
+            raise ValueError(f"--learn-start must be a probability in [0, 1), not {self.learn_start}")
         if self.eval_every < 1:
             raise ValueError("--eval-every must be at least 1")
         if self.dist_timeout <= 0:
@@ -169,12 +180,33 @@ def model_config(cfg: TrainConfig, vocab_size: int, layers: int = 0, hidden: int
                        weight_drop=cfg.weight_drop, embed_drop=cfg.embed_drop, locked_dropout=cfg.locked_dropout)
 
 
+def make_model(cfg: TrainConfig, vocab_size: int, layers: int = 0, hidden: int = 0) -> CharRNN:
+    """A fresh model; its start is a trained parameter under `learn_start`, else a fixed state chosen at the end."""
+    model = CharRNN(model_config(cfg, vocab_size, layers, hidden))
+    model.start.requires_grad_(cfg.learn_start > 0)
+    return model
+
+
 def make_optimizer(cfg: TrainConfig, model: CharRNN) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # a start that is not learned is not optimised
     if cfg.optim == "adam" and cfg.weight_decay:
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optim == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=0.95, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.95, weight_decay=cfg.weight_decay)
+
+
+def carried_state(model: CharRNN, hidden: State | None, batch: int, new_epoch: bool, learn_start: float) -> State:
+    """The state a batch is read from: the carried one, or at an epoch's start zeros (char-rnn's), or under
+    `learn_start` the learned start, to which each stream is also reset with that probability at every batch.
+    The start then enters the graph at every step (with zero gradient where no stream took it), as DDP needs."""
+    if not learn_start:
+        return model.init_state(batch) if new_epoch or hidden is None else hidden
+    start = model.start_state(batch)
+    if new_epoch or hidden is None:
+        return start
+    reset = (torch.rand(batch) < learn_start).to(start[0].device)[None, :, None]
+    return tuple(torch.where(reset, s, h) for s, h in zip(start, hidden))
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):
@@ -201,10 +233,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 @torch.inference_mode()
 def evaluate(model: CharRNN, batches: Batches, device: torch.device) -> float:
-    """Mean cross-entropy (nats/char) over the validation streams, carrying the state along each stream."""
+    """Mean cross-entropy (nats/char) over the validation streams, each read from the model's start and carrying
+    its state along."""
     was_training = model.training
     model.eval()
-    state = model.init_state(batches.batch_size)
+    state = model.start_state(batches.batch_size)
     total, count = 0.0, 0
     for step in range(len(batches)):
         x, y = batches.get(step)
@@ -234,7 +267,7 @@ def probe_speed(cfg: TrainConfig, config: ModelConfig, batches: Batches, device:
     With several workers, `batches` is this worker's share and the speed is `workers` times its own: the others
     wait meanwhile, so it is timed as it will run, less the gradients' exchange.
     """
-    model = CharRNN(config).to(device).train()
+    model = make_model(cfg, config.vocab_size, config.layers, config.hidden).to(device).train()
     optimizer = make_optimizer(cfg, model)
     hidden = model.init_state(batches.batch_size)
     for i in range(PROBE_WARMUP + PROBE_STEPS):
@@ -344,8 +377,8 @@ def check_folders(cfg: TrainConfig, resumed: ResumeState | None, overwrite: bool
 class Data:
     corpus: Corpus
     vocab: Vocab
-    train_chars: int
-    val_chars: int
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
     batches: Batches  # this worker's streams of the training part
     val: Batches  # the held-out part's streams (rank 0 evaluates)
 
@@ -363,7 +396,7 @@ def load_data(cfg: TrainConfig, world: World, resumed: ResumeState | None) -> Da
     batches = Batches(train_ids, cfg.batch_size, cfg.seq_len).rows(*world.rows(cfg.batch_size))
     if len(val_ids) < 2:
         raise DataError(f"{cfg.data}: too short to hold out a validation part (raise --val-frac or use more text)")
-    return Data(corpus, vocab, len(train_ids), len(val_ids), batches, val_batches(val_ids, cfg.batch_size, cfg.seq_len))
+    return Data(corpus, vocab, train_ids, val_ids, batches, val_batches(val_ids, cfg.batch_size, cfg.seq_len))
 
 
 @dataclass
@@ -372,6 +405,30 @@ class Progress:
     best_val: float = math.inf  # nats per character
     best_step: int = 0
     elapsed_before: float = 0.0  # seconds trained by the invocations before this one
+
+
+def settle_start(cfg: TrainConfig, checkpoint: Path, data: Data, device: torch.device, progress: Progress,
+                 interrupted: bool, log) -> None:
+    """When the run ends, the best checkpoint's start chosen by measurement (training/start.py) and stored in it."""
+    how = f"charrnn choose-start {cfg.name} --data {cfg.data}"
+    if not cfg.choose_start:
+        return
+    if interrupted:
+        log(f"start: not chosen (interrupted); the checkpoint starts from its {'learned' if cfg.learn_start else 'zero'} "
+            f"start until `{how}` or a resumed run that ends chooses one")
+        return
+    if read_metadata(checkpoint).start.get("chosen"):
+        return  # this invocation saved no better weights: their start is chosen already
+    try:
+        start = choose_for_checkpoint(checkpoint, data.train_ids, data.val_ids, device, log=log)
+    except DataError as e:
+        log(f"start: not chosen ({e}); the checkpoint keeps its {'learned' if cfg.learn_start else 'zero'} start")
+        return
+    log(f"start: {start['kind']}, {start['loss']:.4f} nats/char over the first {PASSAGE_CHARS} characters of "
+        f"held-out lines (zero: {start['candidates']['zero']:.4f})")
+    with open(cfg.run_path / "log.jsonl", "a", encoding="utf-8") as f:
+        entry = {"type": "start", "step": progress.step, "checkpoint_step": progress.best_step, **start}
+        f.write(json.dumps(entry) + "\n")
 
 
 def restore(resumed: ResumeState, model: CharRNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -460,7 +517,7 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
     cfg, clock = world.on_main(prepare)  # clock: seconds since the start, by rank 0's clock (see World.agree)
 
     torch.manual_seed(cfg.seed)
-    model = CharRNN(model_config(cfg, len(vocab))).to(device)
+    model = make_model(cfg, len(vocab)).to(device)
     optimizer = make_optimizer(cfg, model)
     if world.rank > 0:
         torch.manual_seed(cfg.seed + world.rank)  # the same initial weights, but dropout masks of its own
@@ -478,7 +535,7 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
 
     print(
         f"{cfg.data}: {len(corpus.text):,} characters, vocabulary {len(vocab)}, "
-        f"train {data.train_chars:,} / val {data.val_chars:,}; {steps_per_epoch} steps per epoch"
+        f"train {len(data.train_ids):,} / val {len(data.val_ids):,}; {steps_per_epoch} steps per epoch"
     )
     print(
         f"model: {cfg.cell} {cfg.layers}x{cfg.hidden}, {model.num_parameters():,} parameters; device {device}, "
@@ -514,7 +571,8 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
         improved = val_loss < progress.best_val
         if improved:
             progress.best_val, progress.best_step = val_loss, progress.step
-            save_model(checkpoint, model, vocab, facts(), dtype=cfg.save_dtype)
+            save_model(checkpoint, model, vocab, facts(), dtype=cfg.save_dtype,
+                       start={"kind": "learned" if cfg.learn_start else "zero", "chosen": False})
         save_resume(
             run_dir,
             ResumeState(
@@ -556,8 +614,7 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
             while progress.step < total_steps:
                 step = progress.step
                 pos = step % steps_per_epoch
-                if pos == 0 or hidden is None:
-                    hidden = model.init_state(batches.batch_size)
+                hidden = carried_state(model, hidden, batches.batch_size, pos == 0, cfg.learn_start)
                 fraction = step / total_steps
                 if cfg.max_minutes:  # the cosine ends with the budget when the clock runs out first
                     fraction = max(fraction, clock / (60 * cfg.max_minutes))
@@ -604,6 +661,8 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
     step = progress.step
     if step != last_eval_step and step > 0:
         val_loss = checkpoint_and_log()
+    if world.is_main and checkpoint.exists():
+        settle_start(cfg, checkpoint, data, device, progress, interrupted=stopped_because == "interrupted", log=print)
     seconds = time.monotonic() - started
     if world.is_main and not plot_losses(log_path, run_dir / "loss.png"):
         print("no loss curve: matplotlib is not installed (pip install 'charrnn[train]')")

@@ -17,7 +17,7 @@ router = APIRouter(tags=["inspect"])
                                                  "retry after the Retry-After header's seconds."},
 })
 async def inspect(req: InspectRequest, service: ServiceDep) -> Response:
-    """The model reads `text` from the zero state. For every character: the top-5 next-character predictions
+    """The model reads `text` from its start state, as a new generation would. For every character: the top-5 next-character predictions
     and the value of the units asked for in `units` (default: the suggested ones) of `layer` (`tanh(c)` or
     `h`), plus units worth a look."""
     # The JSON is made in the inspect thread (Service.inspect), not here on the event loop.

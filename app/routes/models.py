@@ -17,7 +17,7 @@ def describe(lm: LoadedModel) -> ModelInfo:
         parameters=lm.parameters, vocab_size=len(lm.vocab), vocabulary=lm.vocab.chars,
         val_loss=training.get("best_val_loss"), val_bpc=training.get("best_val_bpc"),
         trained_on=training.get("data_file"), trained_steps=training.get("steps"), created=training.get("created"),
-        sha256=lm.sha256,
+        sha256=lm.sha256, start=lm.info.start.get("kind", "zero"),
     )
 
 

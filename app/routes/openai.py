@@ -195,7 +195,7 @@ async def _start(service: Service, req: CompletionRequest, client: Client, promp
 
 async def _score(service: Service, lm: LoadedModel, prompt: str, k: int):
     """An echoed prompt's characters, their log-probabilities (the first has none, as in OpenAI: it is read
-    from the zero state with nothing before it) and each position's top k, by `Engine.score`, off the loop."""
+    from the model's start with nothing before it) and each position's top k, by `Engine.score`, off the loop."""
     ids = [lm.vocab.index[c] for c in prompt]
 
     def run():
