@@ -142,7 +142,8 @@ def echo() -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env = {**os.environ, "CHARRNN_MODEL_STORE": store}
-        server = subprocess.Popen([charrnn(), "serve", "--port", str(port), "--log-level", "warning"], env=env)
+        server = subprocess.Popen([charrnn(), "serve", "--port", str(port), "--log-level", "warning"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"
             for _ in range(600):
