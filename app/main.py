@@ -40,6 +40,16 @@ async def _renew_session_locks(service: Service) -> None:
         await service.quotas.renew()
 
 
+async def _retry_session_saves(service: Service) -> None:
+    """Saves the session store did not take (Redis was unreachable) are written as soon as it is back."""
+    from app.redis_store import PENDING_RETRY_S
+
+    while True:
+        await asyncio.sleep(PENDING_RETRY_S)
+        if service.sessions.pending:
+            await service.sessions.flush_pending()
+
+
 async def _poll_model_store(service: Service) -> None:
     """Pick up new, changed and removed checkpoints without a restart (CHARRNN_RELOAD_INTERVAL_S)."""
     while True:
@@ -91,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("model store: skipped %s: %s", name, why)
         log.info("loaded models: %s", ", ".join(sorted(service.registry.models)) or "none")
         tasks = [asyncio.create_task(job(service)) for job in (_expire_sessions, _watch_for_shutdown,
-                                                                _renew_session_locks)]
+                                                                _renew_session_locks, _retry_session_saves)]
         if settings.reload_interval_s > 0:
             tasks.append(asyncio.create_task(_poll_model_store(service)))
         try:

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from app.auth import Client
 from app.metrics import Metrics
+from app.redis_client import client_options, connect
 from app.settings import Settings
 
 log = logging.getLogger("charrnn")
@@ -39,10 +40,12 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+# The same entry pushed further; added again if Redis lost it (restarted without its data), so the generations
+# running here count again.
 RENEW = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
@@ -59,8 +62,8 @@ class Quotas:
             storage = MemoryStorage()
         else:
             storage = RedisStorage("async+" + settings.session_store, implementation="redispy",
-                                   key_prefix="charrnn:limits", socket_timeout=2, socket_connect_timeout=1)
-            self.redis = aioredis.Redis.from_url(settings.session_store, socket_timeout=2, socket_connect_timeout=1)
+                                   key_prefix="charrnn:limits", **client_options())
+            self.redis = connect(settings.session_store)
             self._acquire = self.redis.register_script(ACQUIRE)
             self._renew = self.redis.register_script(RENEW)
         self.limiter = SlidingWindowCounterRateLimiter(storage)
@@ -138,6 +141,8 @@ class Quotas:
         for token, client_id in list(self.held.items()):
             try:
                 await self._renew(keys=[PREFIX + client_id], args=[token, ttl_ms])
+                if token not in self.held:  # it ended meanwhile: take back what the renewal may have added
+                    await self.redis.zrem(PREFIX + client_id, token)
             except (RedisError, OSError) as e:
                 self._unavailable(e)
                 return

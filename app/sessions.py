@@ -95,6 +95,7 @@ class Session:
     busy: bool = False
     released: bool = False
     loose: State | None = None
+    version: int = 0  # Redis: how many times it was saved there, when this replica read it
 
     @classmethod
     def create(cls, id: str, model: str, model_sha256: str, pool: StatePool | None, state: State,
@@ -188,6 +189,14 @@ class MemorySessionStore:
 
     async def renew_locks(self) -> None:
         pass  # a session's busy flag lives with it in this process: nothing to expire
+
+    async def flush_pending(self) -> None:
+        pass  # a save here cannot fail: nothing waits to be written
+
+    @property
+    def pending(self) -> int:
+        """Saves that failed and wait to be written again (Redis); none here."""
+        return 0
 
     async def close(self) -> None:
         pass

@@ -117,19 +117,26 @@ def streamed_text(events: list) -> str:
 
 
 class RedisServer:
-    """A real `redis-server` on a free 127.0.0.1 port, saving to its own folder (so a restart keeps data)."""
+    """A real `redis-server` on a free 127.0.0.1 port with its own folder. `persistence`: "rdb" saves a snapshot
+    on shutdown (so a SIGTERM restart keeps data), "aof" logs every write before answering (so even SIGKILL
+    keeps data), "none" keeps nothing."""
 
-    def __init__(self, folder: Path):
+    OPTIONS = {"rdb": ["--save", "3600 1", "--appendonly", "no"],
+               "aof": ["--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+               "none": ["--save", "", "--appendonly", "no"]}
+
+    def __init__(self, folder: Path, persistence: str = "rdb"):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.folder = folder
+        self.options = self.OPTIONS[persistence]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder),
-             "--save", "3600 1", "--appendonly", "no", "--protected-mode", "yes", "--logfile", "redis.log"],
+             *self.options, "--protected-mode", "yes", "--logfile", "redis.log"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -142,8 +149,8 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
-    def stop(self) -> None:
-        """SIGTERM: redis saves its data to disk and exits."""
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: redis saves its data to disk (with persistence) and exits; SIGKILL: it just dies."""
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(sig)
             self.proc.wait(20)

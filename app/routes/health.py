@@ -24,13 +24,16 @@ async def readyz(service: ServiceDep):
     if not service.ready:
         detail = f"no model loaded from {service.settings.model_store} yet"
         return JSONResponse(Health(status="unavailable", models=0, detail=detail).model_dump(), status_code=503)
+    # Degraded (still 200: new generations work without the store, and every replica shares it, so taking this
+    # one out of a load balancer would not help) until a command really succeeds and no save waits for it.
     try:
         await service.sessions.ping()
     except SessionStoreUnavailable as e:
-        # Still 200: new generations work without the store, and every replica shares it, so taking this
-        # one out of a load balancer would not help. The status says what does not work.
         return Health(status="degraded", models=len(service.registry.models),
                       detail=f"{e}; continuing sessions answers 503 until it is back")
+    if service.sessions.pending:
+        return Health(status="degraded", models=len(service.registry.models),
+                      detail=f"{service.sessions.pending} session saves wait for the session store (Redis)")
     return Health(status="ready", models=len(service.registry.models))
 
 
