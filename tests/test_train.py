@@ -159,3 +159,60 @@ def test_an_unwritable_run_folder_or_store_fails_before_training(tmp_path, shake
         train(cfg)
     assert "\n" not in str(failure.value)  # one line
     assert not (tmp_path / "runs" / "tiny" / "log.jsonl").exists()  # not a step was trained
+
+
+def test_a_killed_run_resumes_with_each_step_logged_once_and_no_litter(tmp_path, shakespeare_slice):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    store, run = tmp_path / "store", tmp_path / "runs" / "tiny"
+    store.mkdir(parents=True)
+    # what killed writes leave behind (atomic_write's temporary names), and files that are not ours
+    litter = [store / ".tiny.safetensors.ab12cd_9.tmp", run / ".resume.safetensors.zz99yy00.tmp"]
+    foreign = [store / ".other.safetensors.ab12cd_9.tmp", store / ".tiny.safetensors.x.safetensors.ab12cd_9.tmp",
+               run / "notes.tmp"]
+    run.mkdir(parents=True)
+    for path in litter + foreign:
+        path.write_bytes(b"half a file")
+    command = [sys.executable, "-m", "cli", "train", "--data", str(shakespeare_slice), "--name", "tiny",
+               "--model-store", str(store), "--run-dir", str(run), "--layers", "1", "--hidden", "16",
+               "--seq-len", "16", "--batch-size", "4", "--eval-every", "50", "--max-steps", "100000", "--threads", "1",
+               "--precision", "fp32", "--no-choose-start"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run / "log.jsonl"
+
+    def rows() -> list[dict]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # a save (val row) and train rows past it: a resume will redo those
+        entries = rows()
+        vals = [e["step"] for e in entries if e["type"] == "val"]
+        if vals and max(e["step"] for e in entries) >= vals[-1] + 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not any(path.exists() for path in litter) and all(path.exists() for path in foreign)
+    saved = load_resume(run).step
+    assert max(e["step"] for e in rows()) > saved  # the log went on past the last save
+    resumed = subprocess.run([sys.executable, "-m", "cli", "train", "--resume", str(run), "--max-steps",
+                              str(saved + 60)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    entries = rows()
+    for kind in ("train", "val"):
+        steps = [e["step"] for e in entries if e["type"] == kind]
+        assert steps == sorted(set(steps)), f"{kind} rows: {steps}"  # each step once, in order
+    assert max(e["step"] for e in entries) == saved + 60
+    assert set(store.glob(".tiny.safetensors.*.tmp")) == {foreign[1]} and not list(run.glob(".resume.*.tmp"))
+
+
+def test_a_new_run_starts_a_new_log(tmp_path, shakespeare_slice):
+    train(tiny_config(tmp_path, shakespeare_slice, max_steps=10, eval_every=5, choose_start=False))
+    train(tiny_config(tmp_path, shakespeare_slice, max_steps=10, eval_every=5, choose_start=False), overwrite=True)
+    entries = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if e["type"] == "val"] == [5, 10]

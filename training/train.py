@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from charrnn.checkpoint import default_model_store, model_path, read_metadata, save_model, validate_model_name
+from charrnn.checkpoint import (atomic_write, default_model_store, model_path, read_metadata, save_model,
+                                validate_model_name)
 from charrnn.model import CharRNN, ModelConfig, State, detach_state
 from charrnn.runtime import available_cpus
 from charrnn.engine import Engine, resolve_precision
@@ -67,6 +69,7 @@ PROBE_WARMUP = 2  # one was not enough: a cold process timed fp32 at 0.7x its sp
 FIRST_EVAL_S = 20.0  # the first validation pass and save after at most this (or 10% of --max-minutes if less)
 EVAL_INTERVAL_S = 60.0  # then at least this often, besides every --eval-every steps,
 EVAL_BUDGET_SHARE = 0.05  # or every 5% of --max-minutes if longer: long runs evaluate bigger models
+LOG_FILE = "log.jsonl"  # in the run folder: one JSON object per line, each step once
 COSINE_FLOOR = 0.1  # the cosine schedule ends at this fraction of --lr (nanoGPT's min_lr = lr / 10)
 
 
@@ -362,6 +365,26 @@ def check_writable(folder: Path, what: str) -> None:
                         "make it writable or choose another one") from None
 
 
+def tidy_run_files(cfg: TrainConfig, resumed: ResumeState | None) -> None:
+    """Before a run trains: remove the temporary files of this run's own writes that a killed process left (the
+    checkpoint's in the model store, the resume file's in the run folder; no other names), and make the log
+    start where the run does: a new run starts a new log, a resumed one cuts it after the step it resumes from,
+    so that a step a resume redoes appears once."""
+    for folder, name in ((cfg.store, model_path(cfg.store, cfg.name).name), (cfg.run_path, RESUME_FILE)):
+        ours = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")  # atomic_write's mkstemp names
+        for path in folder.glob(f".{name}.*.tmp"):
+            if ours.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+    log = cfg.run_path / LOG_FILE
+    if resumed is None:
+        log.unlink(missing_ok=True)
+    elif log.exists():
+        lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= resumed.step]
+        if len(kept) < len(lines):
+            atomic_write(log, "".join(kept).encode("utf-8"))
+
+
 def check_folders(cfg: TrainConfig, resumed: ResumeState | None, overwrite: bool) -> None:
     """Refuse to write over another run, and fail before training if the results could not be saved."""
     if resumed is None and (cfg.run_path / RESUME_FILE).exists() and not overwrite:
@@ -426,7 +449,7 @@ def settle_start(cfg: TrainConfig, checkpoint: Path, data: Data, device: torch.d
         return
     log(f"start: {start['kind']}, {start['loss']:.4f} nats/char over the first {PASSAGE_CHARS} characters of "
         f"held-out lines (zero: {start['candidates']['zero']:.4f})")
-    with open(cfg.run_path / "log.jsonl", "a", encoding="utf-8") as f:
+    with open(cfg.run_path / LOG_FILE, "a", encoding="utf-8") as f:
         entry = {"type": "start", "step": progress.step, "checkpoint_step": progress.best_step, **start}
         f.write(json.dumps(entry) + "\n")
 
@@ -512,6 +535,7 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
 
     def prepare() -> tuple[TrainConfig, float]:
         check_folders(cfg, resumed, overwrite)
+        tidy_run_files(cfg, resumed)
         return settle_defaults(cfg, len(vocab), batches, device, deadline, world.size), time.monotonic() - started
 
     cfg, clock = world.on_main(prepare)  # clock: seconds since the start, by rank 0's clock (see World.agree)
@@ -530,7 +554,7 @@ def train_worker(cfg: TrainConfig, world: World, resume_from: Path | None, overw
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     checkpoint = model_path(cfg.store, cfg.name)
-    log_path = run_dir / "log.jsonl"
+    log_path = run_dir / LOG_FILE
     chars_per_step = cfg.batch_size * cfg.seq_len  # all workers together
 
     print(
