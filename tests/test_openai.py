@@ -230,3 +230,15 @@ def test_a_stream_whose_client_leaves_frees_its_slots(server):
         time.sleep(0.05)
     assert server.metric("charrnn_streams_running", 'model="tiny"') == 0
     assert server.metric("charrnn_streams_dropped_total") >= dropped + 1
+
+
+def test_a_request_for_more_generations_than_a_client_may_run_is_a_400_not_a_429(server):
+    # 6 prompts x n 6 = 36 generations at once, above CHARRNN_CLIENT_MAX_STREAMS (32) on an idle server:
+    # retrying could never help, so no Retry-After
+    body = {"model": "tiny", "prompt": ["ROMEO:"] * 6, "n": 6, "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 400 and "retry-after" not in r.headers
+    error = r.json()["error"]
+    assert error["param"] == "n" and "CHARRNN_CLIENT_MAX_STREAMS" in error["message"] and "36" in error["message"]
+    r = httpx.post(server.url + "/v1/completions", json={**body, "n": 5})  # 30: within the limit
+    assert r.status_code == 200 and len(r.json()["choices"]) == 30

@@ -152,6 +152,12 @@ def _check(service: Service, req: CompletionRequest) -> list[str]:
     if n > settings.max_n or len(prompts) > settings.max_n:
         raise InvalidParam("n", f"{len(prompts)} prompts and n {n}: each may be at most {settings.max_n} "
                            "(CHARRNN_MAX_N)")
+    # every choice is a generation running at once: more than a limit allows could never start, so no 429
+    for limit, name in ((settings.client_max_streams, "CHARRNN_CLIENT_MAX_STREAMS"),
+                        (settings.max_streams, "CHARRNN_MAX_STREAMS")):
+        if limit and len(prompts) * n > limit:
+            raise InvalidParam("n", f"{len(prompts)} prompts and n {n} are {len(prompts) * n} generations at once; "
+                               f"at most {limit} may run at once ({name}): ask for fewer")
     if (longest := max(len(p) for p in prompts)) > settings.max_prime_chars:
         raise InvalidParam("prompt", f"the prompt has {longest} characters; the limit is "
                            f"{settings.max_prime_chars} (CHARRNN_MAX_PRIME_CHARS)")
