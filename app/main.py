@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,9 @@ from app.service import Service
 from app.settings import Settings
 
 log = logging.getLogger("charrnn")
+
+SHUTDOWN_TRACE_AFTER_S = 5.0  # past the grace period: dump every thread's stack if the process has not exited
+STORE_CLOSE_TIMEOUT_S = 3.0  # closing Redis at the end of a stop (its last saves included) takes at most this
 
 
 async def _expire_sessions(service: Service) -> None:
@@ -71,6 +75,9 @@ async def _watch_for_shutdown(service: Service) -> None:
     while not AppStatus.should_exit:
         await asyncio.sleep(0.1)
     log.info("shutting down: ending %d open streams", service.running)
+    # If the process is still here well after its grace period, say where every thread is (on stderr, so
+    # `docker logs` shows what a stop waited for before the container runtime killed it).
+    faulthandler.dump_traceback_later(service.settings.shutdown_grace_s + SHUTDOWN_TRACE_AFTER_S, exit=False)
     service.begin_shutdown()
 
 
@@ -114,8 +121,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await task
             service.executor.shutdown(wait=False, cancel_futures=True)
             service.inspector.shutdown(wait=False, cancel_futures=True)
-            await service.sessions.close()
-            await service.quotas.close()
+            for closing in (service.sessions.close(), service.quotas.close()):  # each bounded: a stop must end
+                try:
+                    await asyncio.wait_for(closing, STORE_CLOSE_TIMEOUT_S)
+                except Exception:  # TimeoutError included
+                    log.exception("closing the session or limits store failed")
+            log.info("application shut down")
 
     app = FastAPI(
         title="char-rnn service",

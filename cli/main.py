@@ -347,6 +347,8 @@ def serve(
     CHARRNN_HEADER_TIMEOUT_S, CHARRNN_KEEP_ALIVE_S and CHARRNN_MAX_CONNECTIONS, the open-file limit raised and
     the log of failed accept() calls bounded (app/connections.py).
     """
+    import logging
+
     import uvicorn
 
     if model_store is not None:
@@ -376,6 +378,14 @@ def serve(
         # Streams get `shutdown_grace_s` to receive their final event; uvicorn waits a little longer.
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 2,
     )
+    # The app has shut down (streams ended, sessions saved, stores closed): leave now. Python's own
+    # finalization would still join the executors' threads and run torch's and OpenMP's destructors for
+    # threads that ran torch, which can wait past a container's stop grace period; nothing is left to save.
+    # (Outside a container uvicorn has already re-raised the SIGTERM and the process ended with it.)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:

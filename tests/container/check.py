@@ -210,7 +210,7 @@ def check_replicas_profile(compose: list[str], report: dict) -> None:
     killed = [name for name, code in codes.items() if code == "137"]
     if killed:  # what it was doing when its stop timeout ran out, for whoever reads the CI log
         for name in killed:
-            logs = subprocess.run(["podman", "logs", "--tail", "40", name], capture_output=True, text=True)
+            logs = subprocess.run(["podman", "logs", "--tail", "150", name], capture_output=True, text=True)
             print(f"--- last lines of {name}:\n{logs.stdout}{logs.stderr}")
     assert not killed, f"a container was killed: {codes}"
     print(f"4. replicas: lb ready in {report['lb_ready_s']} s; 5 pieces of one session on {len(used)} servers "
