@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import torch
@@ -28,6 +29,19 @@ log = logging.getLogger("charrnn")
 
 SHUTDOWN_TRACE_AFTER_S = 5.0  # past the grace period: dump every thread's stack if the process has not exited
 STORE_CLOSE_TIMEOUT_S = 3.0  # closing Redis at the end of a stop (its last saves included) takes at most this
+
+
+class _LoopExecutor(ThreadPoolExecutor):
+    """The event loop's default executor, which does not wait for its threads when the loop closes.
+
+    asyncio runs DNS lookups there (the Redis host's name, at every new connection). At the end of
+    `asyncio.run` the loop waits for those threads, and a lookup stuck in the resolver's timeouts held a stop
+    past its grace period: in the container check a replica was killed 15 s after its app had shut down, its
+    main thread in `asyncio.runners.close`, with lookups of `redis` failing. Nothing such a thread does is
+    needed once the app has shut down; `charrnn serve` then leaves without waiting for them (cli/main.py)."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
 
 
 async def _expire_sessions(service: Service) -> None:
@@ -102,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.decode_threads())
+        asyncio.get_running_loop().set_default_executor(_LoopExecutor(thread_name_prefix="loop"))
         service: Service = app.state.service
         result = await service.reload()
         for name, why in result.errors.items():

@@ -24,6 +24,7 @@ Redis restarts and outages (README, "Sessions in Redis: what an outage costs"):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -107,7 +108,7 @@ class RedisSessionStore:
         self.metrics = metrics
         self.held: dict[str, str] = {}  # session id -> lock token, for the sessions generating here
         self.waiting: dict[str, PendingSave] = {}  # session id -> its final save, not yet taken by Redis
-        self.last_failure = 0.0  # time.monotonic() of the last command that failed, 0: none yet
+        self._writing: dict[str, asyncio.Lock] = {}  # session id -> the turn of its waiting save's writes
         self._save = self.redis.register_script(SAVE_AND_UNLOCK)
         self._unlock = self.redis.register_script(UNLOCK)
         self._renew = self.redis.register_script(RENEW)
@@ -118,7 +119,6 @@ class RedisSessionStore:
 
     def _unavailable(self, op: str, error: Exception) -> SessionStoreUnavailable:
         self.metrics.session_store_errors.labels(op=op).inc()
-        self.last_failure = time.monotonic()
         return SessionStoreUnavailable(f"the session store (Redis) is unreachable: {error}")
 
     def _fields(self, session: Session) -> dict[str, bytes | str]:
@@ -203,7 +203,19 @@ class RedisSessionStore:
             session.release()
 
     async def _write(self, session_id: str, pending: PendingSave) -> bool:
-        """Try one waiting save: True once Redis has answered (saved or refused), False if it did not."""
+        """Try one waiting save: True once Redis has answered (saved or refused), False if it did not. Tries of
+        the same session's save (the retry loop, a lookup) take turns, so a save is written once."""
+        turn = self._writing.setdefault(session_id, asyncio.Lock())
+        try:
+            async with turn:
+                if self.waiting.get(session_id) is not pending:
+                    return True  # written (or given up) while this one waited its turn
+                return await self._try(session_id, pending)
+        finally:
+            if not turn.locked() and self._writing.get(session_id) is turn:
+                del self._writing[session_id]
+
+    async def _try(self, session_id: str, pending: PendingSave) -> bool:
         key, lock = self._keys(session_id)
         args: list = [pending.token, self.ttl_ms, pending.version]
         for name, value in pending.fields.items():

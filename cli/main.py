@@ -379,8 +379,9 @@ def serve(
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 2,
     )
     # The app has shut down (streams ended, sessions saved, stores closed): leave now. Python's own
-    # finalization would still join the executors' threads and run torch's and OpenMP's destructors for
-    # threads that ran torch, which can wait past a container's stop grace period; nothing is left to save.
+    # finalization would still join the executors' threads (a DNS lookup stuck in its resolver's timeouts
+    # among them, app/main.py) and run torch's and OpenMP's destructors for the threads that ran torch, which
+    # can wait past a container's stop grace period; nothing is left to save.
     # (Outside a container uvicorn has already re-raised the SIGTERM and the process ended with it.)
     logging.shutdown()
     sys.stdout.flush()
