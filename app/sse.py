@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from functools import lru_cache
 
 import anyio
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 SEP = b"\r\n"
 
@@ -36,10 +36,20 @@ def event_frame(event: str, data: dict) -> bytes:
     return b"event: %s\r\ndata: %s\r\n\r\n" % (event.encode(), json.dumps(data).encode())
 
 
+class _Ping(ServerSentEvent):
+    """The keep-alive: one comment line, sent between two events, with no blank line after it. A blank line
+    ends an event, and clients that keep the last event id (the spec says to; httpx-sse does) then hand out an
+    empty event with that id after every ping, which no JSON reader takes."""
+
+    def encode(self) -> bytes:
+        return b": ping" + SEP
+
+
 def event_response(frames: AsyncIterator[bytes], ping_s: float = 15.0, grace_s: float = 0.0) -> EventSourceResponse:
     return EventSourceResponse(
         frames,
         ping=ping_s,
+        ping_message_factory=_Ping,
         sep="\r\n",
         headers={"X-Accel-Buffering": "no"},  # proxies: pass characters through as they come
         shutdown_event=anyio.Event(),

@@ -43,6 +43,28 @@ def test_stream_has_start_tokens_and_done(client):
     assert done["session_id"] == start["session_id"] and done["seconds"] > 0
 
 
+def test_keep_alive_pings_between_events_are_no_events(model_store):
+    """A ping is a comment line between two events. With a blank line after it, clients that keep the last
+    event id (httpx-sse, as the spec says) dispatched an empty event after every ping: `json.loads("")` broke
+    the container check's stream through nginx 15 s in, at the first ping."""
+    server = Server(model_store, {"CHARRNN_SSE_PING_S": "0.02"}).start()
+    try:
+        with server.client() as c:
+            with c.stream("POST", "/generate", json={"prime": "ROMEO:", "max_chars": 600, "seed": 5}) as r:
+                raw = b""
+                for chunk in r.iter_raw():
+                    raw += chunk
+                    time.sleep(0.001)  # a slow reader: the stream lasts long enough for pings
+            events = stream_events(c, {"prime": "ROMEO:", "max_chars": 600, "seed": 5})
+    finally:
+        server.stop()
+    assert raw.count(b"\r\n: ping") >= 2, "no ping was sent between the events"
+    assert b"\r\n\r\n: ping" in raw and b"\r\n: ping\r\n\r\n" not in raw  # after a blank line, and none after it
+    kinds = [e for e, _, _ in events]
+    assert kinds == ["start", *["token"] * 600, "done"]
+    assert events[-1][1]["text"] == streamed_text(events)
+
+
 def test_streamed_equals_done_equals_non_streamed_including_newlines_and_unicode(client):
     body = {"model": "lines", "prime": "first", "max_chars": 200, "seed": 11, "temperature": 0.5}
     events = stream_events(client, body)

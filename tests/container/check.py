@@ -72,7 +72,7 @@ class OpenStream(threading.Thread):
 
     def __init__(self, url: str):
         super().__init__(daemon=True)
-        self.url, self.events, self.error = url, [], None
+        self.url, self.events, self.error, self.ended = url, [], None, None
         self.start()
 
     def run(self) -> None:
@@ -80,9 +80,13 @@ class OpenStream(threading.Thread):
             with httpx.Client(timeout=120) as client, connect_sse(
                     client, "POST", self.url + "/generate", json={"prime": "ROMEO:", "max_chars": 5000}) as source:
                 for sse in source.iter_sse():
-                    self.events.append((sse.event, json.loads(sse.data)))
-        except httpx.HTTPError as e:
-            self.error = repr(e)
+                    try:
+                        self.events.append((sse.event, json.loads(sse.data)))
+                    except json.JSONDecodeError:
+                        raise AssertionError(f"not an event: {sse!r}") from None
+        except (httpx.HTTPError, AssertionError) as e:
+            self.error = f"{e!r} at {time.monotonic():.1f}"
+        self.ended = time.monotonic()
 
     def wait_started(self) -> None:
         deadline = time.monotonic() + 30
@@ -153,8 +157,18 @@ def check_train_profile(compose: list[str], src: Path, report: dict) -> None:
     """3. The train profile on a fresh checkout of a normal user, while the api runs."""
     assert not (src / "runs").exists(), "the checkout is not fresh: runs/ exists"
     started = time.monotonic()
-    run(*compose, "--profile", "train", "run", "--rm", "train", timeout=600,
-        env={"MODEL_NAME": "fresh", "MAX_MINUTES": "0.2"})
+    # Detached, then waited for with podman itself: podman 4.3's Docker-compatible wait endpoint sometimes fails
+    # ("unexpected end of JSON input", 1 run in 37 here), which `compose run` reports as exit 125.
+    out = run(*compose, "--profile", "train", "run", "-d", "train", timeout=120,
+              env={"MODEL_NAME": "fresh", "MAX_MINUTES": "0.2"})
+    name = out.strip().splitlines()[-1].strip()
+    try:
+        code = run("podman", "wait", name, timeout=600).strip()
+        if code != "0":
+            logs = subprocess.run(["podman", "logs", "--tail", "30", name], capture_output=True, text=True)
+            raise AssertionError(f"the train container exited {code}: {logs.stdout}{logs.stderr}")
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, timeout=60)
     report["train_s"] = round(time.monotonic() - started, 1)
     checkpoint = src / "model_store" / "fresh.safetensors"
     assert checkpoint.exists(), "the train profile wrote no checkpoint"
@@ -204,7 +218,7 @@ def check_replicas_profile(compose: list[str], report: dict) -> None:
     started = time.monotonic()
     run(*compose, "--profile", "replicas", "stop", timeout=180)
     report["stack_stop_s"] = round(time.monotonic() - started, 1)
-    kind, data = open_stream.final_event()
+    open_stream.join(60)
     codes = {name: run("podman", "inspect", name, "--format", "{{.State.ExitCode}}").strip()
              for name in [*servers, container("api"), container("lb"), container("redis")]}
     killed = [name for name, code in codes.items() if code == "137"]
@@ -212,10 +226,19 @@ def check_replicas_profile(compose: list[str], report: dict) -> None:
         for name in killed:
             logs = subprocess.run(["podman", "logs", "--tail", "150", name], capture_output=True, text=True)
             print(f"--- last lines of {name}:\n{logs.stdout}{logs.stderr}")
-    assert not killed, f"a container was killed: {codes}"
+    assert not killed, f"a container was killed after {report['stack_stop_s']} s: {codes}"
+    if not (open_stream.events[-1:] and open_stream.events[-1][0] in ("done", "error")):
+        for name in [container("lb"), *servers]:
+            logs = subprocess.run(["podman", "logs", "-t", "--tail", "40", name], capture_output=True, text=True)
+            print(f"--- last lines of {name}:\n{logs.stdout}{logs.stderr}")
+    assert open_stream.events[-1:] and open_stream.events[-1][0] in ("done", "error"), \
+        f"the stream through lb ended {open_stream.ended - started:.1f} s after the stop began, without a final " \
+        f"event ({open_stream.error}; stack stopped in {report['stack_stop_s']} s, exit codes {codes})"
+    kind, data = open_stream.final_event()
     print(f"4. replicas: lb ready in {report['lb_ready_s']} s; 5 pieces of one session on {len(used)} servers "
           f"equal one greedy request; stack stopped in {report['stack_stop_s']} s with a stream open through lb: "
-          f"final event {kind}, exit codes {sorted(set(codes.values()))}")
+          f"final event {kind} after {sum(e == 'token' for e, _ in open_stream.events)} characters, "
+          f"exit codes {sorted(set(codes.values()))}")
 
 
 def main() -> None:
