@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from charrnn.runtime import reexec_with_allocator_env
 
-from charrnn.runtime import reexec_with_allocator_env  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def model_step_rate(checkpoint: Path, batch: int, seconds: float = 2.0, threads: int | None = None) -> float:

@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+from load import PRIME, sweep_point
+from server_proc import charrnn_server, single_model_store
 
-from load import PRIME, sweep_point  # noqa: E402
-from server_proc import charrnn_server, single_model_store  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 NEIGHBOURS = {
     "spin": "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n",

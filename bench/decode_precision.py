@@ -18,10 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from charrnn.runtime import reexec_with_allocator_env  # noqa: E402
+from charrnn.runtime import reexec_with_allocator_env
 
 
 def stepped_val_loss(step, model, val_ids, streams: int = 64) -> float:

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+from load import PRIME, one_stream, percentile, sweep_point
+from server_proc import charrnn_server, single_model_store
 
-from load import PRIME, one_stream, percentile, sweep_point  # noqa: E402
-from server_proc import charrnn_server, single_model_store  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 async def phase(url: str, args, flood: bool) -> dict:

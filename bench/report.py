@@ -28,11 +28,10 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+from load import PRIME, join_point, run_sweep, server_rss_mib
+from server_proc import ALLOCATOR_ENV, ServerProcess, charrnn_server, single_model_store
 
-from load import PRIME, join_point, run_sweep, server_rss_mib  # noqa: E402
-from server_proc import ALLOCATOR_ENV, ServerProcess, charrnn_server, single_model_store  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 START, END = "<!-- serving:start -->", "<!-- serving:end -->"
 

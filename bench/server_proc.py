@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from charrnn.runtime import ALLOCATOR_ENV
 
-from charrnn.runtime import ALLOCATOR_ENV  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def single_model_store(checkpoint: Path) -> Path:

@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from charrnn.runtime import reexec_with_allocator_env
 
-from charrnn.runtime import reexec_with_allocator_env  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SIZES = [(2, 128), (2, 256), (2, 512), (3, 512)]
 START, END = "<!-- train_speed:start -->", "<!-- train_speed:end -->"

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from charrnn.model import CharRNN, ModelConfig
+
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {(2, 256): 60, (2, 512): 40}  # (layers, hidden): steps, about 15-35 s a run here
 
@@ -47,8 +49,6 @@ def measure(workers: int, layers: int, hidden: int, steps: int, folder: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from charrnn.model import CharRNN, ModelConfig
 
     print("| model | params | 1 process chars/s | 2 workers chars/s | 2 workers / 1 process | loss at the end, 1 / 2 |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -1,7 +1,9 @@
 """Screenshots of the browser page for the docs, taken in headless Chromium against the bundled model.
 
-    .venv/bin/python tools/screenshots.py                      # docs/page-generate.png, docs/inspect-*.png
-    .venv/bin/python tools/screenshots.py --unit 1:cell:83@30000   # layer:kind:unit[@offset], repeatable
+    .venv/bin/python -m tools.screenshots                      # docs/page-generate.png, docs/inspect-*.png
+    .venv/bin/python -m tools.screenshots --unit 1:cell:83@30000   # layer:kind:unit[@offset], repeatable
+
+(from the project root, as a module: it borrows bench/'s server process.)
 
 Starts `charrnn serve` on a free 127.0.0.1 port with model_store/, drives the page like a user would
 (type a prime, Generate; paste a text, Inspect, pick a unit) and stops the server by its PID.
@@ -16,9 +18,9 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
+from bench.server_proc import ServerProcess
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-from server_proc import ServerProcess  # noqa: E402
 
 CHROMIUM = os.environ.get("CHARRNN_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
