@@ -6,7 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.routes.deps import ServiceDep
 from app.schemas import Health
-from app.sessions import SessionStoreUnavailable
+from app.failures import SessionStoreUnavailable
 
 router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])  # apart: with API keys it needs one, health and readiness do not
@@ -31,6 +31,7 @@ async def readyz(service: ServiceDep):
     except SessionStoreUnavailable as e:
         return Health(status="degraded", models=len(service.registry.models),
                       detail=f"{e}; continuing sessions answers 503 until it is back")
+    await service.sessions.flush_pending()  # the saves that wait are tried now, not at the next retry tick
     if service.sessions.pending:
         return Health(status="degraded", models=len(service.registry.models),
                       detail=f"{service.sessions.pending} session saves wait for the session store (Redis)")
