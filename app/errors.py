@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from app.sessions import SessionStoreUnavailable
+from app.failures import SessionStoreUnavailable
 
 log = logging.getLogger("charrnn")
 

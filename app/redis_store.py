@@ -35,7 +35,8 @@ from redis.exceptions import RedisError
 
 from app.metrics import Metrics
 from app.redis_client import connect
-from app.sessions import Session, SessionGone, SessionStoreUnavailable
+from app.failures import SessionGone, SessionStoreUnavailable
+from app.sessions import Session
 from charrnn.model import State
 
 log = logging.getLogger("charrnn")
@@ -99,6 +100,8 @@ def decode_state(data: bytes, shape: str) -> State:
 
 
 class RedisSessionStore:
+    """A `SessionStore` (app/sessions.py) in Redis, shared by every replica."""
+
     keeps_states = False  # states live in Redis between generations
 
     def __init__(self, url: str, ttl_s: float, lock_ttl_s: float, metrics: Metrics):

@@ -29,7 +29,8 @@ from app.schemas import CharLogprobs, GenerateRequest, GenerateResult, InspectRe
 from charrnn.activations import interesting_units, trace
 from charrnn.engine import start_ids
 from charrnn.sampling import BAN
-from app.sessions import MemorySessionStore, Session, SessionGone, StatePool, new_session_id
+from app.failures import SessionGone
+from app.sessions import MemorySessionStore, Session, SessionStore, StatePool, new_session_id
 from app.settings import Settings
 
 log = logging.getLogger("charrnn")
@@ -64,7 +65,7 @@ class Generation:
         )
 
 
-def make_session_store(settings: Settings, metrics: Metrics):
+def make_session_store(settings: Settings, metrics: Metrics) -> SessionStore:
     if settings.session_store == "memory":
         return MemorySessionStore(settings.max_sessions, settings.session_ttl_s, metrics)
     from app.redis_store import RedisSessionStore

@@ -12,6 +12,7 @@ import time
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -64,14 +65,6 @@ class StatePool:
     @property
     def in_use(self) -> int:
         return len(self.chunks) * self.CHUNK - len(self.free)
-
-
-class SessionStoreUnavailable(Exception):
-    """The shared session store (Redis) cannot be reached."""
-
-
-class SessionGone(Exception):
-    """The session was deleted or expired between looking it up and locking it."""
 
 
 @dataclass(slots=True)
@@ -130,8 +123,49 @@ class Session:
             self.loose = None
 
 
+class SessionStore(Protocol):
+    """Where sessions live: `MemorySessionStore` (this process, the default) or `RedisSessionStore`
+    (app/redis_store.py, shared by replicas). Lookups and saves may raise `SessionStoreUnavailable`."""
+
+    keeps_states: bool  # True: states stay in this process's slot pools; False: they travel with the session
+
+    async def get(self, session_id: str) -> Session | None:
+        """The session, or None if there is none (or it expired)."""
+
+    async def acquire(self, session: Session) -> bool:
+        """Mark the session busy; False if a generation already holds it. The state is then current."""
+
+    async def add(self, session: Session) -> None:
+        """A new session, busy with its first generation."""
+
+    async def save(self, session: Session) -> None:
+        """Store the session as it is now and release it."""
+
+    async def delete(self, session_id: str) -> bool:
+        """Forget the session; False if there was none."""
+
+    async def ping(self) -> None:
+        """Raise SessionStoreUnavailable unless the store answers."""
+
+    async def renew_locks(self) -> None:
+        """Keep the locks of the sessions generating here from expiring."""
+
+    async def flush_pending(self) -> None:
+        """Write the saves that failed, as far as the store takes them."""
+
+    @property
+    def pending(self) -> int:
+        """Saves that failed and wait to be written again."""
+
+    async def expire(self) -> int:
+        """Drop idle sessions past their TTL (where the store does not itself); returns how many."""
+
+    async def close(self) -> None:
+        """Let go of the store's connections."""
+
+
 class MemorySessionStore:
-    """Sessions in this process (the default). `RedisSessionStore` (app/redis_store.py) has the same methods."""
+    """Sessions in this process (the default)."""
 
     keeps_states = True  # sessions' states stay here, in per-model slot pools
 
