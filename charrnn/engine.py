@@ -39,10 +39,15 @@ def packed_matmul_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
+def bf16_units() -> bool:
+    """Whether oneDNN multiplies bf16 natively on this CPU (AVX-512 bf16 or AVX-NE-CONVERT; not AVX2 alone)."""
+    return packed_matmul_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_precision(precision: str) -> str:
     """`auto`: bf16 where the CPU multiplies bf16 natively (oneDNN says so), else fp32."""
     if precision == "auto":
-        return "bf16" if packed_matmul_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        return "bf16" if bf16_units() else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     return precision
@@ -58,14 +63,18 @@ class Linear:
     """x (B, K) fp32 -> x @ w.T + b (B, N) fp32, each output row a function of its input row alone.
 
     The weight is packed once for oneDNN with the batch size left open, so every call runs the same kernel.
-    In bf16 the inputs and weights are bfloat16 and the products are accumulated in fp32.
+    In bf16 the inputs and weights are bfloat16 and the products are accumulated in fp32. A CPU without bf16
+    units gets the same numbers the slow way: inputs and weights rounded to bf16, multiplied by the fp32 kernel
+    (a product of two bf16 values is exact in fp32), the result rounded to bf16.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype):
         self.dtype = dtype
-        weight = weight.detach().to("cpu", dtype).contiguous()
-        self.bias = None if bias is None else bias.detach().to("cpu", dtype).contiguous()
         self.packed = packed_matmul_available()
+        self.emulated = dtype == torch.bfloat16 and not bf16_units()
+        compute = torch.float32 if self.emulated else dtype
+        weight = weight.detach().to("cpu", dtype).to(compute).contiguous()
+        self.bias = None if bias is None else bias.detach().to("cpu", dtype).to(compute).contiguous()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.packed else weight
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -74,9 +83,13 @@ class Linear:
     def raw(self, x: Tensor) -> Tensor:
         """The product in the compute dtype (bf16 stays bf16), for callers that add it to an fp32 tensor."""
         x = x.to(self.dtype)
+        if self.emulated:
+            x = x.float()
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)  # not batch-invariant in general; only without oneDNN
+            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            out = F.linear(x, self.weight, self.bias)  # not batch-invariant in general; only without oneDNN
+        return out.to(self.dtype) if self.emulated else out
 
 
 class Layer:

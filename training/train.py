@@ -52,7 +52,7 @@ from charrnn.checkpoint import (atomic_write, default_model_store, model_path, r
                                 validate_model_name)
 from charrnn.model import CharRNN, ModelConfig, State, detach_state
 from charrnn.runtime import available_cpus
-from charrnn.engine import Engine, resolve_precision
+from charrnn.engine import Engine, bf16_units, resolve_precision
 from charrnn.vocab import Vocab
 from training.data import Batches, Corpus, DataError, encode_corpus, load_text, split, val_batches
 from training.distributed import World
@@ -213,9 +213,15 @@ def carried_state(model: CharRNN, hidden: State | None, batch: int, new_epoch: b
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):
-    if cfg.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if cfg.precision != "bf16":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    if device.type == "cpu" and not bf16_units():
+        # oneDNN has no bf16 LSTM without bf16 units (AVX2 alone) and fails; without oneDNN the recurrent
+        # layers run in fp32 and the rest in bf16 (`auto` takes fp32 on such a CPU).
+        stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    return stack
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, hidden: State,
