@@ -33,15 +33,12 @@ from typing import NamedTuple
 import torch
 
 from charrnn.model import State
-from charrnn.sampling import chosen_and_top, sample_next
+from charrnn.sampling import REPETITION_WINDOW, chosen_and_top, sample_next
 
 from app.metrics import Metrics
 from app.registry import LoadedModel
 
 log = logging.getLogger("charrnn")
-
-
-REPETITION_WINDOW = 64  # characters a repetition penalty looks back over, by default: about a line of text
 
 
 @dataclass

@@ -7,7 +7,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import MAX_SEED, MODEL_NAME_PATTERN, SESSION_ID_PATTERN, WHOLE_FLOATS, limited_by
+from app.schemas import MAX_MODEL_NAME, MAX_SEED, MODEL_NAME_PATTERN, SESSION_ID_PATTERN, WHOLE_FLOATS, limited_by
+from charrnn.sampling import REPETITION_WINDOW
+
+RECENT = f"Over the last {REPETITION_WINDOW} characters (prompt and generated)."
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -20,7 +24,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
-    model: str = Field(pattern=MODEL_NAME_PATTERN, description="A model of GET /v1/models.")
+    model: str = Field(pattern=MODEL_NAME_PATTERN, max_length=MAX_MODEL_NAME, description="A model of GET /v1/models.")
     prompt: str | list[str] = Field(
         "", description="The text to continue, or a list of texts (each gets `n` choices).",
         json_schema_extra=limited_by(maxLength="max_prime_chars", minItems=1, maxItems="max_n",
@@ -49,9 +53,9 @@ class CompletionRequest(BaseModel):
     echo: bool | None = Field(False, description="Return the prompt before the completion (and its "
                               "log-probabilities, with `logprobs`).")
     presence_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
-                                           description="Over the last 64 characters (prompt and generated).")
+                                           description=RECENT)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
-                                            description="Over the last 64 characters (prompt and generated).")
+                                            description=RECENT)
     logit_bias: dict[Annotated[str, Field(min_length=1, max_length=1)],
                      Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
         None, description="Keyed by character (not token id): the bias added to its logit; -100 bans it.")
@@ -64,7 +68,7 @@ class CompletionRequest(BaseModel):
         None, description="-1, 0 or null: all characters.")
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, ge=0.01, le=100, allow_inf_nan=False,
-                                             description="Over the last 64 characters (prompt and generated).")
+                                             description=RECENT)
     # ours
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
                                    description="Continue this session (of this model; one prompt).")

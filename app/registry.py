@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from charrnn.checkpoint import SUFFIX, CheckpointError, CheckpointInfo, MODEL_NAME_RE, load_model
+from charrnn.checkpoint import SUFFIX, CheckpointError, CheckpointInfo, load_model
+from charrnn.names import is_model_name
 from charrnn.engine import Engine, resolve_precision
 from charrnn.model import ModelConfig
 from charrnn.vocab import Vocab
@@ -74,7 +75,7 @@ class Registry:
                 name = path.name[: -len(SUFFIX)]
                 if path.name.startswith("."):
                     continue  # temporary files of atomic writes
-                if not MODEL_NAME_RE.match(name) or ".." in name:
+                if not is_model_name(name):
                     result.errors[path.name] = "file name is not a valid model name"
                     continue
                 found[name] = path

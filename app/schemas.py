@@ -6,8 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from charrnn.names import MAX_MODEL_NAME, MODEL_NAME_PATTERN
+from charrnn.sampling import REPETITION_WINDOW
+
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 LIMITED_BY = "x-limited-by"
 MAX_SEED = 2**63 - 1
 
@@ -40,7 +42,8 @@ class GenerateParams(BaseModel):
     max_chars: Annotated[int, Field(ge=1), WHOLE_FLOATS] = Field(
         200, description="Characters to generate (left out: 200, or CHARRNN_MAX_CHARS if that is lower).",
         json_schema_extra=limited_by(maximum="max_chars"))
-    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="Model name; default: the server's.")
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN, max_length=MAX_MODEL_NAME,
+                              description="Model name; default: the server's.")
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN, description="Continue this session.")
     # FastAPI's document holds bounds as floats, which cannot say 2**63 - 1: limited_by restores it.
     seed: Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE_FLOATS] | None = Field(
@@ -67,9 +70,10 @@ class GenerateParams(BaseModel):
                                      description="OpenAI's: times its count in the recent window, subtracted from "
                                                  "a character's logit.")
     repetition_window: Annotated[int, Field(ge=1), WHOLE_FLOATS] = Field(
-        64, description="How many of the last characters (prime and generated) the three penalties count: a "
-                        "character model writes 'e' and space all the time, so only recent repeats are penalized "
-                        "(left out: 64, or CHARRNN_MAX_REPETITION_WINDOW if that is lower).",
+        REPETITION_WINDOW, description="How many of the last characters (prime and generated) the three penalties "
+                                       "count: a character model writes 'e' and space all the time, so only recent "
+                                       f"repeats are penalized (left out: {REPETITION_WINDOW}, or "
+                                       "CHARRNN_MAX_REPETITION_WINDOW if that is lower).",
         json_schema_extra=limited_by(maximum="max_repetition_window"))
     logprobs: Annotated[int, Field(ge=0, le=5), WHOLE_FLOATS] | None = Field(
         None, description="Also return each generated character's log-probability and those of the k most "
@@ -197,7 +201,8 @@ class InspectRequest(BaseModel):
 
     text: str = Field(min_length=1, description="Text the model reads from its start state.",
                       json_schema_extra=limited_by(maxLength="max_inspect_chars"))
-    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="Model name; default: the server's.")
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN, max_length=MAX_MODEL_NAME,
+                              description="Model name; default: the server's.")
     layer: Annotated[int, Field(ge=0), WHOLE_FLOATS] | None = Field(
         None, description="Which layer's units to return; default: the last.")
     kind: Literal["cell", "hidden"] | None = Field(

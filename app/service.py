@@ -18,20 +18,20 @@ import anyio
 import numpy as np
 import torch
 
-
 from app.auth import Client
-from app.decoder import REPETITION_WINDOW, Decoder, SamplingParams, Stream, seeded_generator
+from app.decoder import Decoder, SamplingParams, Stream, seeded_generator
 from app.errors import APIError, invalid
+from app.failures import SessionGone
 from app.metrics import Metrics
 from app.quotas import Quotas
 from app.registry import LoadedModel, Registry, ScanResult
 from app.schemas import CharLogprobs, GenerateRequest, GenerateResult, InspectRequest, InspectResult, TopLogprob
-from charrnn.activations import interesting_units, trace
-from charrnn.engine import start_ids
-from charrnn.sampling import BAN
-from app.failures import SessionGone
 from app.sessions import MemorySessionStore, Session, SessionStore, StatePool, new_session_id
 from app.settings import Settings
+from charrnn.activations import interesting_units, trace
+from charrnn.engine import start_ids
+from charrnn.sampling import BAN, REPETITION_WINDOW
+from charrnn.vocab import UnknownCharactersError, shown
 
 log = logging.getLogger("charrnn")
 
@@ -108,9 +108,8 @@ def _start_inspect_thread() -> None:
 
 
 def unknown_characters(lm: LoadedModel, what: str, text: str, hint: str = "") -> APIError:
-    shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in lm.vocab.unknown(text)[:20])
-    return APIError(422, "unknown_characters",
-                    f"{what} has characters not in the vocabulary of model {lm.name!r}: {shown}{hint}")
+    return APIError(422, "unknown_characters", f"{what} has characters not in the vocabulary of model {lm.name!r}: "
+                                                f"{shown(lm.vocab.unknown(text))}{hint}")
 
 
 class Service:
@@ -252,7 +251,7 @@ class Service:
             raise APIError(503, "shutting_down", "the server is shutting down; retry on another replica or later")
         if "max_chars" not in req.model_fields_set:  # the default (200) is clamped to a lower CHARRNN_MAX_CHARS
             req.max_chars = min(req.max_chars, self.settings.max_chars)
-        if "repetition_window" not in req.model_fields_set:  # so is the default window (64)
+        if "repetition_window" not in req.model_fields_set:  # so is the default window
             req.repetition_window = min(req.repetition_window, self.settings.max_repetition_window)
         self._check_limits(req)
 
@@ -274,12 +273,10 @@ class Service:
         else:
             lm = self.model_named(req.model)
 
-        prime = req.prime
-        if lm.vocab.unknown(prime):
-            if not req.skip_unknown:
-                raise unknown_characters(lm, "prime", prime, "; send skip_unknown: true to drop them")
-            prime = "".join(c for c in prime if c in lm.vocab.index)
-        prime_ids = [lm.vocab.index[c] for c in prime]
+        try:
+            prime_ids = lm.vocab.encode(req.prime, skip_unknown=req.skip_unknown).tolist()
+        except UnknownCharactersError:
+            raise unknown_characters(lm, "prime", req.prime, "; send skip_unknown: true to drop them") from None
         logit_bias = self._logit_bias(req, lm)
 
         quotas: list[str] = []
@@ -334,7 +331,7 @@ class Service:
             stream = Stream(state, ids[-1], params, seeded_generator(seed), lm.vocab.chars)
             self.decoder_for(lm).add(stream)
             self.metrics.streams_running.labels(model=lm.name).inc()
-            generations.append(Generation(stream, each, lm, len(prime), started, quota, history))
+            generations.append(Generation(stream, each, lm, len(prime_ids), started, quota, history))
         return generations
 
     async def finalize(self, gen: Generation) -> None:

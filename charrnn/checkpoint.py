@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from charrnn.names import validate_model_name
+
 FORMAT_VERSION = "1"
 SUFFIX = ".safetensors"
-# Model names become file names: letters, digits, '.', '_', '-'; no path separators, no leading dot.
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_HEADER_BYTES = 100_000_000  # a header larger than this is not one of ours
 # What a checkpoint without a chosen start starts from: zeros, as every model did before starts were chosen
 ZERO_START = {"kind": "zero", "chosen": False}
@@ -34,14 +33,6 @@ ZERO_START = {"kind": "zero", "chosen": False}
 
 class CheckpointError(Exception):
     """A checkpoint file is missing, truncated, or not in our format."""
-
-
-def validate_model_name(name: str) -> str:
-    if not MODEL_NAME_RE.match(name) or ".." in name:
-        raise ValueError(
-            f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return name
 
 
 def default_model_store() -> Path:

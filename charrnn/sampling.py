@@ -43,6 +43,7 @@ def _per_row(value, rows: int) -> list:
 
 U_MAX = 1 - 2**-24  # the largest fp32 below 1
 BAN = -100.0  # a logit bias at or below this bans the character (OpenAI: "-100 should result in a ban")
+REPETITION_WINDOW = 64  # characters the repetition penalties look back over, by default: about a line of text
 # A row's bias: a dense vector (V,) or {id: bias}; its recent characters: the ids of its window.
 Bias = Tensor | dict[int, float] | None
 Recent = Sequence[int] | None

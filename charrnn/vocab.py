@@ -7,14 +7,19 @@ from collections.abc import Iterable
 import numpy as np
 
 
+def shown(chars: list[str], limit: int = 20) -> str:
+    """Characters as an error message names them: with their code points, so that invisible ones can be told
+    apart; the first `limit`, then how many more."""
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars[:limit]) + more
+
+
 class UnknownCharactersError(ValueError):
     """Raised when a text holds characters the vocabulary does not have."""
 
     def __init__(self, chars: list[str]):
         self.chars = chars
-        shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars[:20])
-        more = f" and {len(chars) - 20} more" if len(chars) > 20 else ""
-        super().__init__(f"characters not in the model's vocabulary: {shown}{more}")
+        super().__init__(f"characters not in the model's vocabulary: {shown(chars)}")
 
 
 class Vocab:

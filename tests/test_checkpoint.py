@@ -17,9 +17,9 @@ from charrnn.checkpoint import (
     model_path,
     read_header,
     save_model,
-    validate_model_name,
 )
 from charrnn.model import CharRNN, ModelConfig
+from charrnn.names import validate_model_name
 from charrnn.vocab import Vocab
 
 from conftest import REPO

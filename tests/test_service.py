@@ -257,6 +257,7 @@ def test_client_disconnect_frees_the_slot_and_keeps_the_session(server):
         ({"skip_unknown": 0}, 422, "invalid_request", "skip_unknown"),  # JSON bodies are strict: 0 is no boolean
         ({"max_chars": "5"}, 422, "invalid_request", "max_chars"),
         ({"model": "../etc/passwd"}, 422, "invalid_request", "model"),
+        ({"model": "a..b"}, 422, "invalid_request", "model"),  # the checkpoint's rule: no such file can exist
         ({"model": "nosuchmodel"}, 404, "model_not_found", "nosuchmodel"),
         ({"session_id": "not a valid id!"}, 422, "invalid_request", "session_id"),
         ({"session_id": "A" * 32}, 404, "session_not_found", "CHARRNN_SESSION_TTL_S"),

@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from charrnn.checkpoint import (atomic_write, default_model_store, model_path, read_metadata, save_model,
-                                validate_model_name)
+from charrnn.checkpoint import atomic_write, default_model_store, model_path, read_metadata, save_model
 from charrnn.model import CharRNN, ModelConfig, State, detach_state
+from charrnn.names import validate_model_name
 from charrnn.runtime import available_cpus
 from charrnn.engine import Engine, bf16_units, resolve_precision
 from charrnn.vocab import Vocab

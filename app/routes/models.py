@@ -5,7 +5,7 @@ from fastapi import APIRouter, Path
 from app.errors import APIError
 from app.registry import LoadedModel
 from app.routes.deps import ServiceDep
-from app.schemas import MODEL_NAME_PATTERN, ErrorResponse, ModelInfo, ModelList
+from app.schemas import MAX_MODEL_NAME, MODEL_NAME_PATTERN, ErrorResponse, ModelInfo, ModelList
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -28,7 +28,8 @@ async def list_models(service: ServiceDep) -> ModelList:
 
 
 @router.get("/{name}", response_model=ModelInfo, responses={404: {"model": ErrorResponse}})
-async def get_model(service: ServiceDep, name: str = Path(pattern=MODEL_NAME_PATTERN)) -> ModelInfo:
+async def get_model(service: ServiceDep,
+                    name: str = Path(pattern=MODEL_NAME_PATTERN, max_length=MAX_MODEL_NAME)) -> ModelInfo:
     lm = service.registry.get(name)
     if lm is None:
         raise APIError(404, "model_not_found", f"no model named {name!r}; GET /models lists them")

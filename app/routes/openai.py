@@ -26,7 +26,7 @@ from app.openai_schemas import (Completion, CompletionChoice, CompletionLogprobs
                                 ModelCards, OpenAIError, Usage)
 from app.registry import LoadedModel
 from app.routes.deps import ClientDep, ServiceDep
-from app.schemas import MODEL_NAME_PATTERN, GenerateRequest
+from app.schemas import MAX_MODEL_NAME, MODEL_NAME_PATTERN, GenerateRequest
 from app.service import Generation, Service, unknown_characters
 from app.sse import event_response
 from charrnn.sampling import chosen_and_top
@@ -64,7 +64,8 @@ async def list_models(service: ServiceDep) -> ModelCards:
 
 
 @router.get("/models/{model}", response_model=ModelCard, responses={404: ERRORS[404]})
-async def get_model(service: ServiceDep, model: str = Path(pattern=MODEL_NAME_PATTERN)) -> ModelCard:
+async def get_model(service: ServiceDep,
+                    model: str = Path(pattern=MODEL_NAME_PATTERN, max_length=MAX_MODEL_NAME)) -> ModelCard:
     lm = service.registry.get(model)
     if lm is None:
         raise APIError(404, "model_not_found", f"the model {model!r} does not exist; GET /v1/models lists them")
